@@ -1,0 +1,26 @@
+"""mgi: contrastive pre-training of a Mamba gene encoder and a ViT, then tumour segmentation.
+
+Run the embedded demo with `snakemake --cores all`; a real cohort with
+`snakemake --cores all --configfile cohorts/tcga-lgg.yaml`. See README.md.
+"""
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/acquire.smk"
+include: "workflow/rules/expression.smk"
+include: "workflow/rules/imaging.smk"
+include: "workflow/rules/splits.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    """The report of the configured cohort, and everything it needs."""
+    input:
+        results("report/report.html"),
+        results("report/metrics.json"),

@@ -1,0 +1,189 @@
+"""`mgi acquire {gdc-query, gdc-download, images}`: a real cohort from the GDC and TCIA.
+
+gdc-query    manifest.tsv (one expression profile per case, and slides for imaging.modality
+             wsi) and clinical.tsv.
+gdc-download every manifest file under the raw folder; expression/ and slides/ always exist
+             after it. Failure policy: the manifest is never rewritten (it is this rule's input);
+             files that could not be fetched are listed in `download_failures.tsv` beside it
+             (always written, empty when all went well) and logged, and later stages report the
+             missing files. The command fails (non-zero exit) only when no expression file of
+             the manifest is in place at the end, since nothing downstream can run then.
+images       images.tsv: for wsi one row per slide of the manifest that is on disk; for mri the
+             cases' MR series from TCIA (one row per case with radiology) and their masks.
+             Series that failed are listed in `image_failures.tsv` beside images.tsv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from mgi.acquire import gdc, tcia
+from mgi.acquire.http import new_session, safe_relative
+from mgi.errors import AcquireError, MgiError
+from mgi.io import read_tsv, write_tsv
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("gdc-query", "gdc-download", "images")
+
+
+def run(action: str, args: argparse.Namespace) -> None:
+    """Run one acquire action with the CLI's arguments (settings as a JSON string)."""
+    handlers = {"gdc-query": gdc_query, "gdc-download": gdc_download, "images": image_table}
+    if action not in handlers:
+        raise AcquireError(f"unknown acquire action {action!r}; expected one of {ACTIONS}")
+    try:
+        settings = json.loads(args.settings)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise AcquireError(f"--settings: not valid JSON ({err})") from err
+    if not isinstance(settings, dict):
+        raise AcquireError("--settings: expected a JSON object of config sections")
+    handlers[action](settings, args)
+
+
+def _section(settings: dict, *keys: str) -> dict:
+    value = settings
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise AcquireError(f"--settings: missing config section {'.'.join(keys[:depth + 1])!r}")
+        value = value[key]
+    return value
+
+
+def _key(section: dict, key: str, where: str):
+    if key not in section:
+        raise AcquireError(f"--settings: missing key {where}.{key}")
+    return section[key]
+
+
+def _arg(args: argparse.Namespace, name: str, action: str) -> Path:
+    value = getattr(args, name, None)
+    if not value:
+        raise AcquireError(f"mgi acquire {action}: --{name.replace('_', '-')} is required")
+    return Path(value)
+
+
+def _token(gdc_settings: dict) -> str | None:
+    name = gdc_settings.get("token_env") or ""
+    token = os.environ.get(name) if name else None
+    if token:
+        log.info("GDC token: taken from environment variable %s", name)
+    return token or None
+
+
+def _read_manifest(path: Path) -> pd.DataFrame:
+    try:
+        return read_tsv(path, required=gdc.MANIFEST_COLUMNS[:9])
+    except MgiError as err:
+        raise AcquireError(str(err)) from err
+
+
+def gdc_query(settings: dict, args: argparse.Namespace) -> None:
+    """Write manifest.tsv and clinical.tsv of the cohort's open GDC files."""
+    source = _section(settings, "sources", "gdc")
+    modality = _key(_section(settings, "imaging"), "modality", "imaging")
+    manifest_path = _arg(args, "manifest", "gdc-query")
+    clinical_path = _arg(args, "clinical", "gdc-query")
+    api_url = _key(source, "api_url", "sources.gdc")
+    projects = list(_key(source, "project_ids", "sources.gdc"))
+    with new_session(token=_token(source)) as session:
+        hits = gdc.query_files(session, api_url, filters=gdc.expression_filters(
+            project_ids=projects, workflow_type=_key(source, "workflow_type", "sources.gdc")))
+        manifest = gdc.choose_primary_profiles(gdc.build_manifest(hits))
+        manifest = gdc.limit_cases(manifest, source.get("max_cases"))
+        if manifest.empty:
+            raise AcquireError(f"GDC {api_url}: no open {gdc.EXPRESSION_DATA_TYPE!r} files of "
+                               f"workflow {source['workflow_type']!r} in projects {projects}")
+        case_ids = sorted(set(manifest["case_id"]))
+        if modality == "wsi":
+            slide_hits = gdc.query_files(session, api_url, filters=gdc.slide_filters(
+                project_ids=projects, strategies=list(_key(source, "slide_strategies",
+                                                           "sources.gdc"))))
+            slides = gdc.build_manifest(slide_hits)
+            slides = slides[slides["case_id"].isin(case_ids)]
+            log.info("%d slide(s) of %d case(s)", len(slides), slides["case_id"].nunique())
+            manifest = pd.concat([manifest, slides], ignore_index=True)
+        cases = gdc.query_cases(session, api_url,
+                                filters=gdc.case_filters(project_ids=projects, case_ids=case_ids))
+    clinical = gdc.clinical_table(cases, case_ids=case_ids)
+    write_tsv(manifest.reindex(columns=gdc.MANIFEST_COLUMNS), manifest_path)
+    write_tsv(clinical, clinical_path)
+    log.info("manifest: %d file(s) of %d case(s) -> %s; clinical -> %s", len(manifest),
+             len(case_ids), manifest_path, clinical_path)
+
+
+def gdc_download(settings: dict, args: argparse.Namespace) -> None:
+    """Download the manifest's files; write download_failures.tsv beside the manifest."""
+    source = _section(settings, "sources", "gdc")
+    manifest_path = _arg(args, "manifest", "gdc-download")
+    raw_dir = _arg(args, "raw_dir", "gdc-download")
+    manifest = _read_manifest(manifest_path)
+    for folder in ("expression", "slides"):
+        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
+    summary = gdc.download_files(
+        manifest, raw_dir, api_url=_key(source, "api_url", "sources.gdc"),
+        parallel=int(source.get("parallel", 4)), token=_token(source))
+    failures_path = manifest_path.with_name("download_failures.tsv")
+    write_tsv(gdc.failures_table(manifest, summary), failures_path)
+    expression = manifest[manifest["data_type"] == gdc.EXPRESSION_DATA_TYPE]
+    present = [p for p in expression["path"] if (raw_dir / p).is_file()]
+    if summary.failed:
+        log.warning("%d file(s) could not be downloaded, listed in %s; later stages will miss "
+                    "them", len(summary.failed), failures_path)
+    if not present:
+        raise AcquireError(f"{manifest_path}: none of its {len(expression)} expression file(s) "
+                           f"could be downloaded to {raw_dir}; see {failures_path}")
+
+
+def image_table(settings: dict, args: argparse.Namespace) -> None:
+    """Write images.tsv: the slides on disk (wsi) or the cases' MR series from TCIA (mri)."""
+    imaging = _section(settings, "imaging")
+    modality = _key(imaging, "modality", "imaging")
+    manifest_path = _arg(args, "manifest", "images")
+    raw_dir = _arg(args, "raw_dir", "images")
+    images_path = _arg(args, "images", "images")
+    manifest = _read_manifest(manifest_path)
+    for folder in ("radiology", "masks", "slides"):
+        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
+    if modality == "wsi":
+        table = _slide_rows(manifest, raw_dir)
+    elif modality == "mri":
+        tcia_settings = _section(settings, "sources", "tcia")
+        cases = sorted(set(manifest.loc[manifest["data_type"] == gdc.EXPRESSION_DATA_TYPE,
+                                        "case_id"]))
+        table, failures = tcia.acquire_mri(
+            raw_dir, case_ids=cases, api_url=_key(tcia_settings, "api_url", "sources.tcia"),
+            collection=_key(tcia_settings, "collection", "sources.tcia"),
+            sequences=list(_key(_section(imaging, "mri"), "sequences", "imaging.mri")),
+            masks_url=tcia_settings.get("masks_url"),
+            # sources.tcia has no `parallel`; the GDC's "files downloaded at once" serves both
+            parallel=int(settings.get("sources", {}).get("gdc", {}).get("parallel", 4)))
+        write_tsv(failures, images_path.with_name("image_failures.tsv"))
+    else:
+        raise AcquireError(f"imaging.modality: {modality!r}, expected 'mri' or 'wsi'")
+    if table.empty:
+        raise AcquireError(f"{images_path}: no {modality} image could be found for the "
+                           f"{manifest['case_id'].nunique()} case(s) of {manifest_path}")
+    write_tsv(table, images_path)
+    log.info("image table: %d %s image(s) of %d case(s) -> %s", len(table), modality,
+             table["case_id"].nunique(), images_path)
+
+
+def _slide_rows(manifest: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
+    slides = manifest[manifest["data_type"] == gdc.SLIDE_DATA_TYPE]
+    on_disk = slides["path"].map(
+        lambda p: safe_relative(raw_dir, p, what="manifest slide").is_file())
+    if (~on_disk).any():
+        log.warning("%d slide(s) of the manifest are not on disk and are left out: %s",
+                    int((~on_disk).sum()), slides.loc[~on_disk, "id"].tolist()[:10])
+    slides = slides[on_disk]
+    return pd.DataFrame({
+        "image_id": slides["id"], "case_id": slides["case_id"], "modality": "wsi",
+        "path": slides["path"], "mask_path": "",
+    }, columns=tcia.IMAGE_COLUMNS).reset_index(drop=True)

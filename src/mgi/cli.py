@@ -1,0 +1,272 @@
+"""`mgi <stage> ...`: the command line the Snakemake rules call. Thin: parse, call the stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mgi.errors import ConfigError, MgiError
+
+log = logging.getLogger("mgi")
+
+
+def _settings(text: str) -> dict:
+    """Parse the --settings JSON that a rule passes (a slice of the validated config)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--settings: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ConfigError("--settings: expected a JSON object of config sections")
+    return value
+
+
+def _synthesize(args: argparse.Namespace) -> None:
+    from mgi.acquire.synthetic import SyntheticCohortConfig, write_cohort
+
+    settings = _settings(args.settings)
+    config = SyntheticCohortConfig(**settings["synthetic"], seed=settings["seed"])
+    manifest = write_cohort(Path(args.out_dir), config=config)
+    log.info("wrote the synthetic cohort, manifest %s", manifest)
+
+
+def _expression(args: argparse.Namespace) -> None:
+    from mgi.expression.anndata_build import build_expression, write_h5ad
+
+    adata = build_expression(
+        Path(args.manifest), raw_dir=Path(args.raw_dir), clinical_path=Path(args.clinical)
+    )
+    write_h5ad(adata, Path(args.out))
+    log.info("expression matrix: %d cases x %d genes -> %s", adata.n_obs, adata.n_vars, args.out)
+
+
+def _sequences(args: argparse.Namespace) -> None:
+    import anndata
+
+    from mgi.expression.tokens import SequenceConfig, build_sequences, write_sequences
+    from mgi.io import read_tsv
+
+    config = SequenceConfig.from_mapping(_settings(args.settings)["expression"])
+    splits = read_tsv(args.splits, required=["case_id", "split"])
+    splits = splits[splits["split"].isin(["train", "val", "test"])]
+    seqs = build_sequences(anndata.read_h5ad(args.expression), splits, config=config)
+    write_sequences(seqs, sequences_path=Path(args.sequences), vocab_path=Path(args.vocab))
+    log.info("%d sequences of %d tokens, vocabulary %d", *seqs.token_ids.shape, len(seqs.vocab))
+
+
+def _image(args: argparse.Namespace) -> None:
+    from mgi.imaging.run import process_image
+
+    row = process_image(
+        images_table=Path(args.images),
+        image_id=args.image_id,
+        raw_dir=Path(args.raw_dir),
+        settings=_settings(args.settings),
+        bank_path=Path(args.bank),
+        qc_path=Path(args.qc),
+        thumbnail_path=Path(args.thumbnail) if args.thumbnail else None,
+    )
+    log.info("image %s: %s %s", args.image_id, row["status"], row.get("reason", ""))
+
+
+def _qc_merge(args: argparse.Namespace) -> None:
+    from mgi.imaging.qc import merge_qc
+    from mgi.io import write_tsv
+
+    table = merge_qc([Path(p) for p in args.rows])
+    write_tsv(table, args.out)
+    failed = table[table["status"] != "ok"]
+    for _, row in failed.iterrows():
+        log.warning("image %s failed: %s", row["image_id"], row["reason"])
+    log.info("%d images, %d ok, %d failed", len(table), len(table) - len(failed), len(failed))
+
+
+def _splits(args: argparse.Namespace) -> None:
+    from mgi.io import write_tsv
+    from mgi.train.splits import make_splits
+
+    settings = _settings(args.settings)
+    splits = make_splits(
+        expression_path=Path(args.expression),
+        qc_path=Path(args.qc),
+        val_fraction=settings["splits"]["val_fraction"],
+        test_fraction=settings["splits"]["test_fraction"],
+        seed=settings["seed"],
+    )
+    write_tsv(splits, args.out)
+    log.info("splits: %s", splits["split"].value_counts().to_dict())
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from mgi.train.pretrain import pretrain
+
+    pretrain(
+        sequences_path=Path(args.sequences),
+        splits_path=Path(args.splits),
+        qc_path=Path(args.qc),
+        settings=_settings(args.settings),
+        out_dir=Path(args.out_dir),
+        threads=args.threads,
+    )
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from mgi.train.finetune import finetune
+
+    finetune(
+        variant=args.variant,
+        sequences_path=Path(args.sequences),
+        splits_path=Path(args.splits),
+        qc_path=Path(args.qc),
+        pretrained_path=Path(args.pretrained) if args.pretrained else None,
+        settings=_settings(args.settings),
+        out_dir=Path(args.out_dir),
+        threads=args.threads,
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mgi.evaluate.segmentation import evaluate_variant
+
+    evaluate_variant(
+        model_path=Path(args.model),
+        sequences_path=Path(args.sequences),
+        splits_path=Path(args.splits),
+        qc_path=Path(args.qc),
+        settings=_settings(args.settings),
+        patients_path=Path(args.patients),
+        slices_path=Path(args.slices),
+        predictions_path=Path(args.predictions),
+        threads=args.threads,
+    )
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mgi.evaluate.report import write_report
+
+    write_report(
+        cohort=args.cohort,
+        results_dir=Path(args.results_dir),
+        settings=_settings(args.settings),
+        metrics_path=Path(args.metrics),
+        html_path=Path(args.html),
+    )
+
+
+def _acquire(args: argparse.Namespace) -> None:
+    from mgi.acquire import remote
+
+    remote.run(args.action, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mgi` argument parser, one subcommand per workflow stage."""
+    parser = argparse.ArgumentParser(prog="mgi", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], None], help: str):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("synthesize", _synthesize, "write the embedded demo cohort")
+    p.add_argument("--settings", required=True)
+    p.add_argument("--out-dir", required=True)
+
+    p = command("acquire", _acquire, "fetch a real cohort (GDC expression/slides, TCIA MRI)")
+    p.add_argument("action", choices=["gdc-query", "gdc-download", "images"])
+    p.add_argument("--settings", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--clinical")
+    p.add_argument("--raw-dir")
+    p.add_argument("--images")
+
+    p = command("expression", _expression, "expression files to an AnnData matrix")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--clinical", required=True)
+    p.add_argument("--raw-dir", required=True)
+    p.add_argument("--out", required=True)
+
+    p = command("sequences", _sequences, "AnnData to ordered gene token sequences")
+    p.add_argument("--expression", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--sequences", required=True)
+    p.add_argument("--vocab", required=True)
+
+    p = command("image", _image, "one MR series or slide to its image bank")
+    p.add_argument("--images", required=True, help="the image table (images.tsv)")
+    p.add_argument("--image-id", required=True)
+    p.add_argument("--raw-dir", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--qc", required=True)
+    p.add_argument("--thumbnail")
+
+    p = command("qc-merge", _qc_merge, "merge per-image QC rows into one table")
+    p.add_argument("rows", nargs="+")
+    p.add_argument("--out", required=True)
+
+    p = command("splits", _splits, "patient-level train/val/test splits")
+    p.add_argument("--expression", required=True)
+    p.add_argument("--qc", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--out", required=True)
+
+    for name, func, help in [
+        ("pretrain", _pretrain, "contrastive pre-training"),
+        ("finetune", _finetune, "segmentation fine-tuning of one variant"),
+    ]:
+        p = command(name, func, help)
+        if name == "finetune":
+            p.add_argument("--variant", required=True)
+            p.add_argument("--pretrained")
+        p.add_argument("--sequences", required=True)
+        p.add_argument("--splits", required=True)
+        p.add_argument("--qc", required=True)
+        p.add_argument("--settings", required=True)
+        p.add_argument("--out-dir", required=True)
+        p.add_argument("--threads", type=int, default=1)
+
+    p = command("evaluate", _evaluate, "segmentation metrics of one variant on the test split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sequences", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--qc", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--patients", required=True)
+    p.add_argument("--slices", required=True)
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--threads", type=int, default=1)
+
+    p = command("report", _report, "metrics.json and the self-contained report.html")
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--results-dir", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--html", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mgi` command; stage errors are printed without a traceback."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except MgiError as err:
+        print(f"mgi {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

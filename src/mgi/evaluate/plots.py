@@ -1,0 +1,98 @@
+"""Figures of the report, returned as PNG bytes (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def pretrain_curves(history: pd.DataFrame, *, chance: float) -> bytes:
+    """Contrastive loss (train, validation) and validation recall@1 against chance, by epoch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(history["epoch"], history["train_loss"], label="train")
+    ax1.plot(history["epoch"], history["val_loss"], label="validation")
+    ax1.set(xlabel="epoch", ylabel="CLIP loss", title="Pre-training loss")
+    ax1.legend()
+    ax2.plot(history["epoch"], history["val_recall_at_1"], label="validation recall@1")
+    ax2.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
+    ax2.set(xlabel="epoch", ylabel="recall@1 (gene → image)", ylim=(0, 1.05),
+            title="Patient retrieval")
+    ax2.legend()
+    return _png(fig)
+
+
+def similarity_matrix(similarity: list[list[float]], cases: list[str]) -> bytes:
+    """Cosine similarity of test patients' gene embeddings (rows) and image embeddings (columns)."""
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    im = ax.imshow(np.asarray(similarity), cmap="viridis")
+    ax.set(xlabel="image of patient", ylabel="genes of patient", title="Test similarity")
+    ticks = range(len(cases))
+    ax.set_xticks(ticks, [c[-4:] for c in cases], rotation=90, fontsize=7)
+    ax.set_yticks(ticks, [c[-4:] for c in cases], fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png(fig)
+
+
+def finetune_curves(histories: dict[str, pd.DataFrame]) -> bytes:
+    """Training loss and validation patient Dice of every variant, by epoch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for variant, history in histories.items():
+        ax1.plot(history["epoch"], history["train_loss"], label=variant)
+        ax2.plot(history["epoch"], history["val_dice"], label=variant)
+    ax1.set(xlabel="epoch", ylabel="Dice + CE loss", title="Fine-tuning loss")
+    ax2.set(xlabel="epoch", ylabel="patient Dice", ylim=(0, 1), title="Validation Dice")
+    ax1.legend()
+    ax2.legend()
+    return _png(fig)
+
+
+def dice_by_variant(patients: dict[str, pd.DataFrame], intervals: dict[str, tuple]) -> bytes:
+    """Per-patient test Dice of each variant (dots, lines join a patient) with mean and 95% CI."""
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(patients), 3.4))
+    variants = list(patients)
+    cases = sorted(set.intersection(*(set(p["case_id"]) for p in patients.values())))
+    table = np.array([[patients[v].set_index("case_id").loc[c, "dice"] for v in variants]
+                      for c in cases])
+    for row in table:
+        ax.plot(range(len(variants)), row, color="lightgrey", zorder=1)
+    for i, variant in enumerate(variants):
+        ax.scatter(np.full(len(table), i), table[:, i], s=14, zorder=2)
+        lo, hi = intervals[variant]
+        mean = np.nanmean(table[:, i])
+        ax.errorbar(i + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color="black",
+                    capsize=4, zorder=3)
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set(ylabel="3D Dice per test patient", ylim=(0, 1.02), title="Segmentation")
+    return _png(fig)
+
+
+def overlay(image: np.ndarray, truth: np.ndarray, predictions: dict[str, np.ndarray],
+            *, title: str) -> bytes:
+    """One slice with the truth (green) and each variant's prediction (red) outlined."""
+    fig, axes = plt.subplots(1, 1 + len(predictions), figsize=(2.6 * (1 + len(predictions)), 2.8))
+    axes[0].imshow(image, cmap="gray")
+    axes[0].contour(truth, levels=[0.5], colors="lime", linewidths=1)
+    axes[0].set_title("truth", fontsize=9)
+    for ax, (variant, pred) in zip(axes[1:], predictions.items(), strict=True):
+        ax.imshow(image, cmap="gray")
+        ax.contour(truth, levels=[0.5], colors="lime", linewidths=1)
+        if pred.any():
+            ax.contour(pred, levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(variant, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)

@@ -1,0 +1,209 @@
+"""Which genes make a sequence, in which order: normalisation, gene selection and ordering.
+
+Everything that is fitted (the genes kept, their non-zero medians, the highly-variable genes)
+is fitted on the training cases only; applying it to a case uses that case's values alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+from mgi.errors import ConfigError, ExpressionFileError
+
+log = logging.getLogger(__name__)
+
+NORMALIZE = ("log1p_cpm", "tpm")
+ORDERS = ("rank", "fixed")
+VALUES = ("bins", "continuous")
+CPM_TARGET = 1e6
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """How expression profiles become gene sequences (the config's `expression` section)."""
+
+    gene_types: tuple[str, ...] = ("protein_coding",)  # empty: every gene type
+    min_fraction_expressed: float = 0.1  # share of train cases with count > 0
+    normalize: str = "log1p_cpm"  # log1p_cpm | tpm
+    order: str = "rank"  # rank | fixed
+    n_hvg: int | None = None  # keep the top-n highly-variable genes (fitted on train)
+    values: str = "bins"  # bins | continuous
+    n_bins: int = 51  # bin 0 = not expressed, 1..n_bins-1 = per-sample quantiles
+    seq_len: int = 256  # tokens per sequence, <cls> included
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gene_types", tuple(self.gene_types))
+        choices = {"normalize": NORMALIZE, "order": ORDERS, "values": VALUES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"expression.{name}: {getattr(self, name)!r}; expected one of {list(allowed)}"
+                )
+        if not 0 <= self.min_fraction_expressed <= 1:
+            raise ConfigError(
+                f"expression.min_fraction_expressed: {self.min_fraction_expressed}; "
+                "expected a number in [0, 1]"
+            )
+        if self.n_hvg is not None and (isinstance(self.n_hvg, bool) or self.n_hvg < 1):
+            raise ConfigError(
+                f"expression.n_hvg: {self.n_hvg}; expected a positive integer or null"
+            )
+        if self.n_bins < 3:
+            raise ConfigError(f"expression.n_bins: {self.n_bins}; expected an integer >= 3")
+        if self.seq_len < 2:
+            raise ConfigError(f"expression.seq_len: {self.seq_len}; expected an integer >= 2")
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> SequenceConfig:
+        """Return the config built from a mapping (e.g. config["expression"]); unknown keys fail."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(
+                f"expression: unknown key(s) {unknown}; expected some of {sorted(known)}"
+            )
+        return cls(**dict(settings))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the config as plain JSON-able values."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["gene_types"] = list(self.gene_types)
+        return out
+
+
+def normalised(
+    adata: ad.AnnData, *, method: str, genes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (linear, log1p) values per case x gene: CPM (scanpy) or the TPM layer.
+
+    Library sizes are over all genes; `genes` (var positions) then picks the columns returned.
+    Each case is scaled by its own library size (a fixed target, never a cohort median), so a
+    case's values do not depend on the other cases.
+    """
+    if method == "log1p_cpm":
+        counts = ad.AnnData(X=np.asarray(_counts(adata), dtype=np.float64))
+        sc.pp.normalize_total(counts, target_sum=CPM_TARGET)
+        linear = counts.X
+    elif method == "tpm":
+        if "tpm" not in adata.layers:
+            raise ExpressionFileError("expression matrix: no 'tpm' layer; expected one for tpm")
+        linear = np.asarray(_dense(adata.layers["tpm"]), dtype=np.float64)
+    else:
+        raise ConfigError(f"expression.normalize: {method!r}; expected one of {list(NORMALIZE)}")
+    if genes is not None:
+        linear = linear[:, genes]
+    return linear, sc.pp.log1p(linear.copy())
+
+
+class GeneOrder:
+    """Gene selection and per-case gene order, fitted on the training cases (fit / transform).
+
+    Fitted attributes: `genes_` (positions in var of the selected genes, sorted by gene id: the
+    vocabulary order), `medians_` (non-zero train median of each selected gene's linear value),
+    `fixed_` (for order "fixed": indices into `genes_`, in sequence order) and `hvg_` (the
+    scanpy table of the highly-variable-gene fit, or None).
+    """
+
+    def __init__(self, config: SequenceConfig) -> None:
+        self.config = config
+
+    def fit(self, train: ad.AnnData) -> GeneOrder:
+        """Fit gene selection, medians and fixed order on `train`; return self."""
+        cfg = self.config
+        if train.n_obs == 0:
+            raise ExpressionFileError("gene sequences: no training cases; expected at least one")
+        if "gene_type" not in train.var.columns:
+            raise ExpressionFileError("expression matrix: var has no 'gene_type' column")
+        candidate = np.ones(train.n_vars, dtype=bool)
+        if cfg.gene_types:
+            candidate &= train.var["gene_type"].isin(cfg.gene_types).to_numpy()
+        expressed = (_counts(train) > 0).mean(axis=0)
+        candidate &= expressed >= cfg.min_fraction_expressed
+        linear, logged = normalised(train, method=cfg.normalize, genes=np.flatnonzero(candidate))
+        positive = (linear > 0).any(axis=0)  # a median needs one expressing train case
+        positions = np.flatnonzero(candidate)[positive]
+        linear, logged = linear[:, positive], logged[:, positive]
+        if positions.size == 0:
+            raise ExpressionFileError(
+                f"gene sequences: no gene of type {list(cfg.gene_types)} is expressed in "
+                f">= {cfg.min_fraction_expressed:.0%} of the {train.n_obs} training cases"
+            )
+
+        # `chosen` indexes the candidate columns of linear / logged, in sequence order.
+        chosen = np.arange(positions.size)
+        self.hvg_ = None
+        if cfg.n_hvg is not None:
+            chosen = self._highly_variable(train, logged, positions)
+        if cfg.order == "fixed":
+            # n_hvg: dispersion order; otherwise var order. Only what fits in a sequence is kept.
+            chosen = chosen[: cfg.seq_len - 1]
+        ids = train.var_names.to_numpy()[positions[chosen]].astype(str)
+        by_id = np.argsort(ids, kind="stable")
+        self.genes_ = positions[chosen[by_id]]
+        self.fixed_ = np.argsort(by_id, kind="stable")  # sequence order -> vocabulary index
+        lin = linear[:, chosen[by_id]]
+        self.medians_ = np.nanmedian(np.where(lin > 0, lin, np.nan), axis=0)
+        log.info(
+            "%d genes selected from %d (%d training cases)",
+            self.genes_.size, train.n_vars, train.n_obs,
+        )
+        return self
+
+    def expression(self, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+        """Return (linear, log1p) values of the selected genes, columns in vocabulary order."""
+        return normalised(adata, method=self.config.normalize, genes=self.genes_)
+
+    def transform(self, linear: np.ndarray) -> np.ndarray:
+        """Return (n_cases, seq_len - 1) vocabulary indices in sequence order, -1 for padding.
+
+        rank: genes by value / train median, descending; zero values dropped; ties in gene-id
+        order (Geneformer's rank-value encoding). fixed: the fitted order for every case.
+        """
+        n_cases, width = linear.shape[0], self.config.seq_len - 1
+        if self.config.order == "fixed":
+            row = np.full(width, -1, dtype=np.int64)
+            row[: self.fixed_.size] = self.fixed_
+            return np.tile(row, (n_cases, 1))
+        score = linear / self.medians_
+        ranked = np.argsort(-score, axis=1, kind="stable")[:, :width]
+        kept = np.take_along_axis(score, ranked, axis=1) > 0
+        out = np.full((n_cases, width), -1, dtype=np.int64)
+        out[:, : ranked.shape[1]] = np.where(kept, ranked, -1)
+        return out
+
+    def _highly_variable(
+        self, train: ad.AnnData, logged: np.ndarray, positions: np.ndarray
+    ) -> np.ndarray:
+        """Top-n highly-variable genes, as columns of `logged` (scanpy, flavor seurat, train).
+
+        `logged` holds the train values of the genes at var `positions`. Returned by normalised
+        dispersion, descending (ties in var order); scanpy may flag more than n where
+        dispersions tie at the cut, so the list is cut at n.
+        """
+        n_top = min(self.config.n_hvg, positions.size)
+        data = ad.AnnData(X=logged, var=pd.DataFrame(index=train.var_names[positions]))
+        data.uns["log1p"] = {"base": None}  # values are natural-log log1p already
+        table = sc.pp.highly_variable_genes(
+            data, flavor="seurat", n_top_genes=n_top, inplace=False
+        )
+        self.hvg_ = table
+        flagged = np.flatnonzero(table["highly_variable"].to_numpy())
+        dispersion = table["dispersions_norm"].to_numpy()[flagged]
+        order = flagged[np.argsort(-np.nan_to_num(dispersion, nan=-np.inf), kind="stable")]
+        return order[:n_top]
+
+
+def _counts(adata: ad.AnnData) -> np.ndarray:
+    return _dense(adata.layers.get("counts", adata.X))
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)

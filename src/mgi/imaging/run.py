@@ -1,0 +1,83 @@
+"""One image of the image table to its bank and QC row, by modality (what `mgi image` runs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mgi.errors import BankError
+from mgi.io import read_tsv
+
+log = logging.getLogger(__name__)
+
+IMAGE_TABLE_COLUMNS = ["image_id", "case_id", "modality", "path", "mask_path"]
+
+
+def image_table_row(images_table: Path, image_id: str) -> dict[str, str]:
+    """The row of `image_id` in the image table (images.tsv)."""
+    table = read_tsv(images_table, required=IMAGE_TABLE_COLUMNS)
+    rows = table[table["image_id"] == image_id]
+    if len(rows) != 1:
+        raise BankError(f"{images_table}: expected one row with image_id {image_id!r}, "
+                        f"found {len(rows)}")
+    return rows.iloc[0].to_dict()
+
+
+def process_image(
+    *,
+    images_table: Path,
+    image_id: str,
+    raw_dir: Path,
+    settings: dict,
+    bank_path: Path,
+    qc_path: Path,
+    thumbnail_path: Path | None = None,
+) -> dict:
+    """Write the bank and QC row of one image; a bad image gives a failed row, not an exception."""
+    from mgi.imaging.qc import write_qc_row
+
+    row = image_table_row(images_table, image_id)
+    imaging = settings["imaging"]
+    mask = raw_dir / row["mask_path"] if row["mask_path"] else None
+    if row["modality"] != imaging["modality"]:
+        raise BankError(f"{images_table}: image {image_id} is {row['modality']!r}, "
+                        f"but imaging.modality is {imaging['modality']!r}")
+    if row["modality"] == "mri":
+        from mgi.imaging.mri import build_mri_bank
+
+        mri = imaging["mri"]
+        qc = build_mri_bank(
+            image_id=image_id,
+            case_id=row["case_id"],
+            series_root=raw_dir / row["path"],
+            mask_dir=mask,
+            out_path=bank_path,
+            sequences=tuple(mri["sequences"]),
+            missing_sequence=mri["missing_sequence"],
+            image_px=mri["image_px"],
+            clip_percentiles=tuple(mri["clip_percentiles"]),
+            normalise=mri["normalise"],
+            keep_slices=mri["keep_slices"],
+        )
+    else:
+        from mgi.imaging.slides import tile_slide
+
+        wsi = imaging["wsi"]
+        if thumbnail_path is None:
+            raise BankError(f"image {image_id}: a slide needs a QC thumbnail path (--thumbnail)")
+        qc = tile_slide(
+            image_id=image_id,
+            case_id=row["case_id"],
+            slide_path=raw_dir / row["path"],
+            mask_path=mask,
+            out_path=bank_path,
+            qc_png_path=thumbnail_path,
+            tile_px=wsi["tile_px"],
+            mpp=wsi["mpp"],
+            mpp_fallback=wsi["mpp_fallback"],
+            tissue_min=wsi["tissue_min"],
+            max_tiles=wsi["max_tiles"],
+            seed=settings.get("seed", 0),
+        )
+    write_qc_row(qc, qc_path)
+    return qc

@@ -1,0 +1,97 @@
+"""Model configurations (dataclasses) built from the validated workflow config, in one place."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from mgi.models import GeneEncoderConfig, ImageEncoderConfig
+
+
+def gene_config(settings: dict, *, vocab_size: int) -> GeneEncoderConfig:
+    """The gene encoder's config from the `model` and `expression` sections."""
+    gene = settings["model"]["gene_encoder"]
+    expression = settings["expression"]
+    return GeneEncoderConfig(
+        kind=gene["kind"],
+        vocab_size=vocab_size,
+        seq_len=expression["seq_len"],
+        value_encoding=expression["values"],
+        n_bins=expression["n_bins"],
+        d_model=gene["d_model"],
+        n_layers=gene["n_layers"],
+        d_state=gene["d_state"],
+        d_conv=gene["d_conv"],
+        expand=gene["expand"],
+        bidirectional=gene["bidirectional"],
+        n_heads=gene["n_heads"],
+        dropout=gene["dropout"],
+        embed_dim=settings["model"]["embed_dim"],
+        scan_backend=gene["scan_backend"],
+    )
+
+
+def image_config(settings: dict, *, in_chans: int) -> ImageEncoderConfig:
+    """The ViT's config from the `model` and `imaging` sections (size from the image bank)."""
+    image = settings["model"]["image_encoder"]
+    imaging = settings["imaging"]
+    mri = imaging["modality"] == "mri"
+    img_size = imaging["mri"]["image_px"] if mri else imaging["wsi"]["tile_px"]
+    return ImageEncoderConfig(
+        model_name=image["model_name"],
+        img_size=img_size,
+        patch_size=image["patch_size"],
+        in_chans=in_chans,
+        width=image["width"],
+        depth=image["depth"],
+        num_heads=image["num_heads"],
+        embed_dim=settings["model"]["embed_dim"],
+        weights=image["weights"],
+    )
+
+
+def config_dict(config: object) -> dict:
+    """A model config as a plain dict, as stored in checkpoints."""
+    return asdict(config)  # type: ignore[arg-type]
+
+
+def seed_everything(seed: int, *, threads: int) -> None:
+    """Seed Python, NumPy and PyTorch and set PyTorch's CPU threads."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, threads))
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` = CUDA where available, else CPU; `cuda` without a GPU is an error."""
+    from mgi.errors import TrainingError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' requested (pretrain/finetune.device), no GPU is visible")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int):
+    """Linear warm-up to the peak rate, then cosine decay to zero (a LambdaLR)."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def describe_device(device: torch.device) -> str:
+    """The training device in words, for the report (GPU model, or CPU threads)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU, {torch.get_num_threads()} threads"

@@ -1,0 +1,55 @@
+"""Pieces both training stages share: optimiser groups, mixed precision, curves on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mgi.io import atomic_path, write_tsv
+
+
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms, embeddings' scales and the temperature."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_gain = param.ndim < 2 or "logit_scale" in name or name.endswith(("A_log", ".D"))
+        (no_decay if is_gain else decay).append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 on CPU (where autocast gains little)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class History:
+    """Per-epoch training curves, rewritten to a TSV after every epoch (so a crash keeps them)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        self.start = time.perf_counter()
+
+    def add(self, **values: float) -> None:
+        """Append one epoch's values and rewrite the file."""
+        values["seconds"] = round(time.perf_counter() - self.start, 3)
+        self.rows.append(values)
+        write_tsv(pd.DataFrame(self.rows), self.path)
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """torch.save, atomically."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)

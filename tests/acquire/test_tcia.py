@@ -1,0 +1,219 @@
+"""TCIA/NBIA client against the local fake API: series choice, safe extraction, masks, images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+import requests
+
+from mgi.acquire import remote, tcia
+from mgi.errors import AcquireError
+from mgi.io import read_tsv
+
+SEQUENCES = ["T1 pre", "FLAIR", "T1 post"]
+
+
+def _series(uid: str, patient: str, description: str, count: int, modality: str = "MR") -> dict:
+    return {"SeriesInstanceUID": uid, "PatientID": patient, "Modality": modality,
+            "SeriesDescription": description, "ImageCount": count, "Collection": "TCGA-LGG",
+            "StudyInstanceUID": f"study-{patient}"}
+
+
+def _dcm_zip(api, n: int, *, extra: dict[str, bytes] | None = None) -> bytes:
+    return api.zip({f"1-{i + 1:02d}.dcm": b"DICM" + bytes([i]) for i in range(n)} | (extra or {}))
+
+
+def test_select_series_by_description():
+    series = pd.DataFrame([
+        _series("1.1", "P1", "AX FLAIR", 20),
+        _series("1.2", "P1", "flair_ax", 24),            # more images: wins FLAIR
+        _series("1.3", "P1", "AX T1 PRE", 24),
+        _series("1.4", "P1", "T1_POST_GD", 24),
+        _series("1.5", "P1", "AX T2", 24),                # no configured name
+        _series("1.6", "P1", "FLAIR recon", 99, "CT"),    # not MR
+        _series("2.2", "P2", "SAG FLAIR", 30),
+        _series("2.1", "P2", "SAG FLAIR", 30),            # tie: smallest uid
+    ])
+    chosen = tcia.select_series(series, sequences=SEQUENCES)
+    got = {(r.PatientID, r.sequence): r.SeriesInstanceUID for r in chosen.itertuples()}
+    assert got == {("P1", "T1 pre"): "1.3", ("P1", "FLAIR"): "1.2", ("P1", "T1 post"): "1.4",
+                   ("P2", "FLAIR"): "2.1"}
+    assert chosen[chosen["PatientID"] == "P1"]["sequence"].tolist() == SEQUENCES
+
+
+def test_a_series_goes_to_the_most_specific_name():
+    series = pd.DataFrame([_series("1", "P", "AX T1 POST", 20), _series("2", "P", "AX T1", 20)])
+    chosen = tcia.select_series(series, sequences=["T1", "T1 post"])
+    assert dict(zip(chosen["sequence"], chosen["SeriesInstanceUID"], strict=True)) == {
+        "T1": "2", "T1 post": "1"}
+
+
+def test_list_series_keeps_the_cohort_patients(fake_api):
+    fake_api.series = [_series("1", "P1", "FLAIR", 3), _series("2", "P9", "FLAIR", 3)]
+    with requests.Session() as session:
+        table = tcia.list_series(session, fake_api.url, collection="TCGA-LGG",
+                                 patient_ids=["P1", "P2"])
+        empty = tcia.list_series(session, fake_api.url, collection="NO-SUCH")
+    assert table["SeriesInstanceUID"].tolist() == ["1"]
+    assert table["ImageCount"].tolist() == [3]
+    assert fake_api.requests_to("/getSeries")[0].query == {"Collection": ["TCGA-LGG"]}
+    assert empty.empty and list(empty.columns) == tcia.SERIES_COLUMNS
+
+
+def test_download_series_keeps_only_the_dicom_files(fake_api, tmp_path):
+    fake_api.zips["1.2.3"] = [_dcm_zip(fake_api, 3, extra={"LICENSE": b"CC BY"})]
+    dest = tmp_path / "radiology/P1/1.2.3"
+    with requests.Session() as session:
+        tcia.download_series(session, fake_api.url, "1.2.3", dest, image_count=3)
+        tcia.download_series(session, fake_api.url, "1.2.3", dest, image_count=3)  # in place
+    assert sorted(p.name for p in dest.iterdir()) == ["1-01.dcm", "1-02.dcm", "1-03.dcm"]
+    assert len(fake_api.requests_to("/getImage")) == 1
+    assert [p.name for p in dest.parent.iterdir()] == ["1.2.3"]  # no temp folder left
+
+
+@pytest.mark.parametrize("evil", ["../evil.dcm", "sub/../../evil.dcm", "/tmp/evil.dcm"])
+def test_zip_slip_is_rejected(fake_api, tmp_path, sleeps, evil):
+    fake_api.zips["9.9"] = [_dcm_zip(fake_api, 2, extra={evil: b"gotcha"})]
+    dest = tmp_path / "radiology/P1/9.9"
+    with requests.Session() as session, pytest.raises(AcquireError, match="absolute or contains"):
+        tcia.download_series(session, fake_api.url, "9.9", dest, image_count=2)
+    assert not dest.exists()
+    assert not list(tmp_path.rglob("evil.dcm"))
+    assert len(fake_api.requests_to("/getImage")) == 1  # not retried: the archive is bad
+
+
+def test_image_count_mismatch_is_retried_then_reported(fake_api, tmp_path, sleeps):
+    fake_api.zips["5.5"] = [_dcm_zip(fake_api, 2)]
+    dest = tmp_path / "radiology/P1/5.5"
+    with requests.Session() as session, pytest.raises(AcquireError, match="ImageCount says 3"):
+        tcia.download_series(session, fake_api.url, "5.5", dest, image_count=3, retries=2)
+    assert not dest.exists()
+    assert len(fake_api.requests_to("/getImage")) == 3
+    assert sleeps == [0.5, 1.0]
+
+
+def test_image_count_mismatch_then_whole_series(fake_api, tmp_path, sleeps):
+    fake_api.zips["5.5"] = [_dcm_zip(fake_api, 2), _dcm_zip(fake_api, 3)]
+    dest = tmp_path / "radiology/P1/5.5"
+    with requests.Session() as session:
+        tcia.download_series(session, fake_api.url, "5.5", dest, image_count=3)
+    assert len(list(dest.glob("*.dcm"))) == 3
+
+
+def _write_lgg(root, folder: str, numbers: list[int]) -> None:
+    (root / folder).mkdir(parents=True)
+    for n in numbers:
+        (root / folder / f"{folder}_{n}_mask.tif").write_bytes(f"mask {folder} {n}".encode())
+        (root / folder / f"{folder}_{n}.tif").write_bytes(b"image, not a mask")
+
+
+def test_lgg_case_id():
+    assert tcia.lgg_case_id("TCGA_CS_4941_19960909") == "TCGA-CS-4941"
+    assert tcia.lgg_case_id("README") is None
+
+
+def test_copy_masks_from_a_local_lgg_folder(tmp_path):
+    source = tmp_path / "kaggle_3m"
+    _write_lgg(source, "TCGA_CS_4941_19960909", [1, 12])
+    _write_lgg(source, "TCGA_HT_0001_20000101", [3])
+    copied = tcia.copy_masks(str(source), tmp_path / "masks", case_ids=["TCGA-CS-4941", "X"])
+    assert copied == {"TCGA-CS-4941": tmp_path / "masks/TCGA-CS-4941"}
+    files = sorted(p.name for p in (tmp_path / "masks/TCGA-CS-4941").iterdir())
+    assert files == ["TCGA-CS-4941_12_mask.tif", "TCGA-CS-4941_1_mask.tif"]
+    assert (tmp_path / "masks/TCGA-CS-4941/TCGA-CS-4941_12_mask.tif").read_bytes() == \
+        b"mask TCGA_CS_4941_19960909 12"
+    assert not (tmp_path / "masks/TCGA-HT-0001").exists()
+
+
+def test_copy_masks_of_the_real_lgg_sample(tmp_path, test_data):
+    source = test_data / "lgg_mri"
+    if not (source / "TCGA_CS_4941_19960909").is_dir():
+        pytest.skip(f"LGG sample folder not found under {source}")
+    tcia.copy_masks(str(source), tmp_path / "masks", case_ids=["TCGA-CS-4941"])
+    copied = tmp_path / "masks/TCGA-CS-4941/TCGA-CS-4941_12_mask.tif"
+    original = source / "TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12_mask.tif"
+    assert copied.read_bytes() == original.read_bytes()
+
+
+def test_copy_masks_from_a_zip_url(fake_api, tmp_path):
+    fake_api.blobs["/lgg.zip"] = fake_api.zip({
+        "kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_7_mask.tif": b"m7"})
+    copied = tcia.copy_masks(f"{fake_api.url}/lgg.zip", tmp_path / "masks",
+                             case_ids=["TCGA-CS-4941"])
+    assert (copied["TCGA-CS-4941"] / "TCGA-CS-4941_7_mask.tif").read_bytes() == b"m7"
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["TCGA-CS-4941"]
+
+
+def test_copy_masks_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(AcquireError, match="neither a folder nor"):
+        tcia.copy_masks(str(tmp_path / "nope"), tmp_path / "masks", case_ids=["A"])
+
+
+def _run_images(fake_api, tmp_path, *, modality: str, manifest_rows: list[dict],
+                masks_url: str | None = None) -> argparse.Namespace:
+    raw = tmp_path / "raw"
+    raw.mkdir(exist_ok=True)
+    fake_api.manifest(manifest_rows).to_csv(raw / "manifest.tsv", sep="\t", index=False)
+    settings = {
+        "sources": {"gdc": {"api_url": fake_api.url, "parallel": 2},
+                    "tcia": {"api_url": fake_api.url, "collection": "TCGA-LGG",
+                             "masks_url": masks_url}},
+        "imaging": {"modality": modality, "mri": {"sequences": SEQUENCES}},
+    }
+    args = argparse.Namespace(settings=json.dumps(settings), manifest=str(raw / "manifest.tsv"),
+                              clinical=None, raw_dir=str(raw), images=str(raw / "images.tsv"))
+    remote.run("images", args)
+    return args
+
+
+def test_images_mri_writes_series_tables_masks_and_failures(fake_api, tmp_path, sleeps):
+    rows = [fake_api.add_file(f"e{i}", b"x", case_id=c)
+            for i, c in enumerate(["TCGA-CS-4941", "TCGA-CS-0002", "TCGA-CS-0003"])]
+    fake_api.series = [
+        _series("1.1", "TCGA-CS-4941", "AX FLAIR", 2), _series("1.2", "TCGA-CS-4941", "T1 POST", 2),
+        _series("2.1", "TCGA-CS-0002", "FLAIR", 3),        # served short: fails
+        _series("9.1", "TCGA-ZZ-0009", "FLAIR", 2),        # not in the cohort
+    ]
+    fake_api.zips = {"1.1": [_dcm_zip(fake_api, 2)], "1.2": [_dcm_zip(fake_api, 2)],
+                     "2.1": [_dcm_zip(fake_api, 1)]}
+    _write_lgg(tmp_path / "lgg", "TCGA_CS_4941_19960909", [1, 2])
+    _run_images(fake_api, tmp_path, modality="mri", manifest_rows=rows,
+                masks_url=str(tmp_path / "lgg"))
+
+    raw = tmp_path / "raw"
+    images = read_tsv(raw / "images.tsv", required=tcia.IMAGE_COLUMNS)
+    assert list(images.columns) == tcia.IMAGE_COLUMNS
+    assert images.to_dict("records") == [{
+        "image_id": "TCGA-CS-4941", "case_id": "TCGA-CS-4941", "modality": "mri",
+        "path": "radiology/TCGA-CS-4941", "mask_path": "masks/TCGA-CS-4941"}]
+    series = read_tsv(raw / "radiology/TCGA-CS-4941/series.tsv")
+    assert dict(zip(series["SeriesInstanceUID"], series["sequence"], strict=True)) == {
+        "1.1": "FLAIR", "1.2": "T1 post"}
+    assert len(list((raw / "radiology/TCGA-CS-4941/1.1").glob("*.dcm"))) == 2
+    failures = read_tsv(raw / "image_failures.tsv", required=tcia.FAILURE_COLUMNS)
+    assert failures["SeriesInstanceUID"].tolist() == ["2.1"]
+    assert len(list((raw / "masks/TCGA-CS-4941").iterdir())) == 2
+    assert (raw / "slides").is_dir()
+
+
+def test_images_wsi_lists_the_slides_on_disk(fake_api, tmp_path):
+    slide = fake_api.add_file("s1", b"svs", case_id="C1", data_type="Slide Image")
+    absent = fake_api.add_file("s2", b"svs", case_id="C2", data_type="Slide Image")
+    expr = fake_api.add_file("e1", b"x", case_id="C1")
+    (tmp_path / "raw" / slide["path"]).parent.mkdir(parents=True)
+    (tmp_path / "raw" / slide["path"]).write_bytes(b"svs")
+    _run_images(fake_api, tmp_path, modality="wsi", manifest_rows=[expr, slide, absent])
+
+    images = read_tsv(tmp_path / "raw/images.tsv", required=tcia.IMAGE_COLUMNS)
+    assert images.to_dict("records") == [{"image_id": "s1", "case_id": "C1", "modality": "wsi",
+                                          "path": slide["path"], "mask_path": ""}]
+    assert (tmp_path / "raw/radiology").is_dir() and (tmp_path / "raw/masks").is_dir()
+
+
+def test_images_fails_clearly_without_any_image(fake_api, tmp_path):
+    expr = fake_api.add_file("e1", b"x", case_id="C1")
+    with pytest.raises(AcquireError, match="no mri image"):
+        _run_images(fake_api, tmp_path, modality="mri", manifest_rows=[expr])

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real sample data folder (MGI_TEST_DATA) and the repository root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository checkout under test."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """Folder of real sample files (MGI_TEST_DATA, default ../shared/data); skips if absent."""
+    folder = Path(os.environ.get("MGI_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not folder.is_dir():
+        pytest.skip(f"real sample data not found at {folder} (set MGI_TEST_DATA)")
+    return folder

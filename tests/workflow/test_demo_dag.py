@@ -1,0 +1,74 @@
+"""The whole workflow on a tiny synthetic cohort, in a temporary folder (slow: trains models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from .conftest import make_workdir, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, request) -> Path:
+    """One complete run of the tiny MRI config; its folder."""
+    from .conftest import TINY_CONFIG
+
+    work = make_workdir(tmp_path_factory.mktemp("dag"), TINY_CONFIG)
+    run(["snakemake", "--cores", "2"], work)
+    return work
+
+
+def test_whole_dag_writes_report_and_metrics(finished_run: Path):
+    report = finished_run / "results/tiny/report"
+    html = (report / "report.html").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["segmentation"]) == {"mgi", "mgi_image_only"}
+    for variant in metrics["segmentation"].values():
+        assert 0.0 <= variant["dice"] <= 1.0
+        assert variant["dice_ci_low"] <= variant["dice"] <= variant["dice_ci_high"]
+    assert "mgi_vs_mgi_image_only" in metrics["comparison"]
+    assert metrics["pretrain"]["gene_to_image_chance_at_1"] == pytest.approx(
+        1 / metrics["pretrain"]["test_patients"])
+    # self-contained: figures embedded, nothing fetched
+    assert html.count("data:image/png;base64,") >= 5
+    assert "src=\"http" not in html
+    assert "published, not measured here" in html
+
+
+def test_every_stage_left_its_artifacts(finished_run: Path):
+    results = finished_run / "results/tiny"
+    qc = pd.read_csv(results / "images/qc.tsv", sep="\t")
+    assert (qc["status"] == "ok").all() and len(qc) == 8
+    splits = pd.read_csv(results / "splits.tsv", sep="\t")
+    assert set(splits["split"]) == {"train", "val", "test"}
+    assert splits["case_id"].is_unique
+    history = pd.read_csv(results / "pretrain/history.tsv", sep="\t")
+    assert list(history["epoch"]) == [1, 2]
+    for variant in ("mgi", "mgi_image_only"):
+        patients = pd.read_csv(results / f"finetune/{variant}/test_patients.tsv", sep="\t")
+        assert set(patients["case_id"]) == set(splits.loc[splits["split"] == "test", "case_id"])
+    logs = finished_run / "logs/tiny"
+    assert (logs / "pretrain.log").stat().st_size > 0
+
+
+def test_second_run_has_nothing_to_do(finished_run: Path):
+    result = run(["snakemake", "--cores", "2", "-n"], finished_run)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_wsi_modality_tiles_slides_and_trains(tmp_path: Path, tiny_config: dict):
+    tiny_config["imaging"]["modality"] = "wsi"
+    tiny_config["splits"] = {"val_fraction": 0.25, "test_fraction": 0.25}
+    tiny_config["synthetic"]["n_slides"] = 6
+    work = make_workdir(tmp_path, tiny_config)
+    run(["snakemake", "--cores", "2"], work)
+    qc = pd.read_csv(work / "results/tiny/images/qc.tsv", sep="\t")
+    assert len(qc) == 6 and (qc["status"] == "ok").all()
+    assert (work / f"results/tiny/images/qc/{qc['image_id'][0]}.png").stat().st_size > 0
+    metrics = json.loads((work / "results/tiny/report/metrics.json").read_text())
+    assert set(metrics["segmentation"]) == {"mgi", "mgi_image_only"}

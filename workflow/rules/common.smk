@@ -1,0 +1,93 @@
+"""Config validation, path helpers and input functions shared by every stage."""
+
+import json
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+COHORT = config["cohort"]
+MODALITY = config["imaging"]["modality"]
+ENV = "../../envs/mgi.yaml"
+# Variants train side by side: on a small machine one thread each beats two in turn.
+VARIANT_THREADS = max(1, workflow.cores // len(config["finetune"]["variants"]))
+
+
+def raw(path):
+    """Path under data/{cohort}/raw/."""
+    return f"data/{COHORT}/raw/{path}"
+
+
+def results(path):
+    """Path under results/{cohort}/."""
+    return f"results/{COHORT}/{path}"
+
+
+def logs(path):
+    """Path under logs/{cohort}/."""
+    return f"logs/{COHORT}/{path}"
+
+
+def settings(*keys):
+    """A config section as compact JSON, passed to `mgi` as one argument (and a rerun trigger)."""
+    return json.dumps({key: config[key] for key in keys}, sort_keys=True)
+
+
+def image_ids(wildcards):
+    """Ids of the cohort's images of the configured modality, read from the acquired image table."""
+    table = getattr(checkpoints, IMAGE_TABLE).get().output.images
+    with open(table) as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        rows = [dict(zip(header, line.rstrip("\n").split("\t"))) for line in handle]
+    return sorted(row["image_id"] for row in rows if row["modality"] == MODALITY)
+
+
+def image_banks(wildcards):
+    """Every image bank of the cohort (failed images included: their bank says so)."""
+    return expand(results("images/{image_id}.h5"), image_id=image_ids(wildcards))
+
+
+def image_qc_rows(wildcards):
+    """Every per-image QC row of the cohort."""
+    return expand(results("images/qc/{image_id}.tsv"), image_id=image_ids(wildcards))
+
+
+def image_row(image_id):
+    """The image table's row of one image."""
+    table = getattr(checkpoints, IMAGE_TABLE).get().output.images
+    with open(table) as handle:
+        header = handle.readline().rstrip("\n").split("\t")
+        for line in handle:
+            row = dict(zip(header, line.rstrip("\n").split("\t")))
+            if row["image_id"] == image_id:
+                return row
+    raise ValueError(f"{table}: no image with image_id {image_id!r}")
+
+
+def image_inputs(wildcards):
+    """Raw inputs of one image: the series folder or slide file, and its masks where it has any."""
+    row = image_row(wildcards.image_id)
+    inputs = {"image": raw(row["path"]), "table": raw("images.tsv")}
+    if row.get("mask_path"):
+        inputs["mask"] = raw(row["mask_path"])
+    return inputs
+
+
+def variant_inputs(wildcards):
+    """Inputs of one fine-tuning variant: pre-trained weights only for variants that use them."""
+    inputs = {
+        "sequences": results("expression/sequences.npz"),
+        "splits": results("splits.tsv"),
+        "qc": results("images/qc.tsv"),
+    }
+    if wildcards.variant.startswith("mgi"):
+        inputs["pretrained"] = results("pretrain/model.pt")
+    return inputs
+
+
+def pretrained_option(wildcards, input):
+    """`--pretrained <checkpoint>` for variants that start from pre-training, else nothing."""
+    return f"--pretrained {input.pretrained}" if "pretrained" in input.keys() else ""

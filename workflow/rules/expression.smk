@@ -1,0 +1,44 @@
+"""Expression files to an AnnData matrix, then to ordered gene sequences."""
+
+
+rule expression_matrix:
+    """One expression profile per case (AnnData: obs = cases, var = genes, layers counts/tpm)."""
+    input:
+        manifest=raw("manifest.tsv"),
+        clinical=raw("clinical.tsv"),
+        files=EXPRESSION_FILES,
+    output:
+        h5ad=results("expression/expression.h5ad"),
+    log:
+        logs("expression_matrix.log"),
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "mgi expression --manifest {input.manifest} --clinical {input.clinical} "
+        "--raw-dir data/{COHORT}/raw --out {output.h5ad} > {log} 2>&1"
+
+
+rule gene_sequences:
+    """Ordered gene token sequences and their vocabulary, fitted on the training split."""
+    input:
+        h5ad=results("expression/expression.h5ad"),
+        splits=results("splits.tsv"),
+    output:
+        sequences=results("expression/sequences.npz"),
+        vocab=results("expression/vocab.tsv"),
+    log:
+        logs("gene_sequences.log"),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        settings=settings("expression"),
+    shell:
+        "mgi sequences --expression {input.h5ad} --splits {input.splits} "
+        "--settings {params.settings:q} --sequences {output.sequences} --vocab {output.vocab} "
+        "> {log} 2>&1"

@@ -1,0 +1,58 @@
+"""Segmentation fine-tuning, one job per variant, and its evaluation on held-out patients."""
+
+
+rule finetune:
+    """One variant (mgi, mgi_image_only, vit_scratch) trained by the same code on the same splits."""
+    input:
+        unpack(variant_inputs),
+    output:
+        model=results("finetune/{variant}/model.pt"),
+        history=results("finetune/{variant}/history.tsv"),
+    log:
+        logs("finetune/{variant}.log"),
+    wildcard_constraints:
+        variant="[a-z_]+",
+    conda:
+        ENV
+    threads: VARIANT_THREADS
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    params:
+        settings=settings("model", "finetune", "imaging", "expression", "seed"),
+        pretrained=pretrained_option,
+    shell:
+        "mgi finetune --variant {wildcards.variant} {params.pretrained} "
+        "--sequences {input.sequences} "
+        "--splits {input.splits} --qc {input.qc} --settings {params.settings:q} "
+        "--out-dir results/{COHORT}/finetune/{wildcards.variant} --threads {threads} "
+        "> {log} 2>&1"
+
+
+rule evaluate:
+    """Dice, IoU and HD95 per slice and per patient on the test split, with predictions kept."""
+    input:
+        model=results("finetune/{variant}/model.pt"),
+        sequences=results("expression/sequences.npz"),
+        splits=results("splits.tsv"),
+        qc=results("images/qc.tsv"),
+    output:
+        patients=results("finetune/{variant}/test_patients.tsv"),
+        slices=results("finetune/{variant}/test_slices.tsv"),
+        predictions=results("finetune/{variant}/test_predictions.h5"),
+    log:
+        logs("evaluate/{variant}.log"),
+    wildcard_constraints:
+        variant="[a-z_]+",
+    conda:
+        ENV
+    threads: VARIANT_THREADS
+    resources:
+        mem_mb=4000,
+    params:
+        settings=settings("evaluate"),
+    shell:
+        "mgi evaluate --model {input.model} --sequences {input.sequences} "
+        "--splits {input.splits} --qc {input.qc} --settings {params.settings:q} "
+        "--patients {output.patients} --slices {output.slices} "
+        "--predictions {output.predictions} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,70 @@
+"""Images to the image bank: MR series to normalised slices, or slides to tissue tiles.
+
+One job per image, so a cluster spreads them; a bad image is reported in its QC row (status
+failed) and the cohort goes on without it.
+"""
+
+if MODALITY == "mri":
+
+    rule mri_bank:
+        """Normalised, co-registered MR slices (sequences as channels) and tumour masks."""
+        input:
+            unpack(image_inputs),
+        output:
+            bank=results("images/{image_id}.h5"),
+            qc=results("images/qc/{image_id}.tsv"),
+        log:
+            logs("mri_bank/{image_id}.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+        params:
+            settings=settings("imaging"),
+        shell:
+            "mgi image --images {input.table} --image-id {wildcards.image_id} "
+            "--raw-dir data/{COHORT}/raw --settings {params.settings:q} "
+            "--bank {output.bank} --qc {output.qc} > {log} 2>&1"
+
+else:
+
+    rule tile_slide:
+        """Tissue tiles of one slide at the configured resolution, with a QC thumbnail."""
+        input:
+            unpack(image_inputs),
+        output:
+            bank=results("images/{image_id}.h5"),
+            qc=results("images/qc/{image_id}.tsv"),
+            thumbnail=results("images/qc/{image_id}.png"),
+        log:
+            logs("tile_slide/{image_id}.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=4000,
+        params:
+            settings=settings("imaging", "seed"),
+        shell:
+            "mgi image --images {input.table} --image-id {wildcards.image_id} "
+            "--raw-dir data/{COHORT}/raw --settings {params.settings:q} "
+            "--bank {output.bank} --qc {output.qc} --thumbnail {output.thumbnail} > {log} 2>&1"
+
+
+rule image_qc:
+    """The cohort's QC table: one row per image (status, reason, items kept, resolution)."""
+    input:
+        image_banks,
+        rows=image_qc_rows,
+    output:
+        qc=results("images/qc.tsv"),
+    log:
+        logs("image_qc.log"),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "mgi qc-merge {input.rows} --out {output.qc} > {log} 2>&1"

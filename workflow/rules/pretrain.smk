@@ -1,0 +1,27 @@
+"""Contrastive pre-training of the Mamba gene encoder and the ViT image encoder."""
+
+
+rule pretrain:
+    """CLIP-style alignment of gene sequences and images; curves and retrieval on held-out patients."""
+    input:
+        sequences=results("expression/sequences.npz"),
+        splits=results("splits.tsv"),
+        qc=results("images/qc.tsv"),
+    output:
+        model=results("pretrain/model.pt"),
+        history=results("pretrain/history.tsv"),
+        retrieval=results("pretrain/retrieval.json"),
+    log:
+        logs("pretrain.log"),
+    conda:
+        ENV
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    params:
+        settings=settings("model", "pretrain", "imaging", "expression", "seed"),
+    shell:
+        "mgi pretrain --sequences {input.sequences} --splits {input.splits} --qc {input.qc} "
+        "--settings {params.settings:q} --out-dir results/{COHORT}/pretrain "
+        "--threads {threads} > {log} 2>&1"
