@@ -9,6 +9,16 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+# The first rule is the default target: the report of the configured cohort.
+rule all:
+    """The report of the configured cohort, and everything it needs."""
+    input:
+        results("report/report.html"),
+        results("report/metrics.json"),
+
+
 include: "workflow/rules/acquire.smk"
 include: "workflow/rules/expression.smk"
 include: "workflow/rules/imaging.smk"
@@ -16,11 +26,3 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
-
-
-rule all:
-    default_target: True
-    """The report of the configured cohort, and everything it needs."""
-    input:
-        results("report/report.html"),
-        results("report/metrics.json"),

@@ -71,14 +71,18 @@ OPTIONS = [
 ]
 
 
+FAST_BACKENDS = ["sequential", "chunked"]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("length", [1, 5, 16, 37])
 @pytest.mark.parametrize(
     "options", OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "bare"
 )
-def test_chunked_scan_matches_reference_values_and_gradients_float64(length, options):
+def test_fast_scans_match_reference_values_and_gradients_float64(backend, length, options):
     inputs = scan_inputs(length, dtype=torch.float64)
     y_ref, g_ref = run_scan(inputs, backend="reference", **options)
-    y_chk, g_chk = run_scan(inputs, backend="chunked", **options)
+    y_chk, g_chk = run_scan(inputs, backend=backend, **options)
     assert y_chk.dtype == torch.float64
     torch.testing.assert_close(y_chk, y_ref, rtol=1e-6, atol=1e-9)
     assert g_chk.keys() == g_ref.keys()
@@ -86,11 +90,12 @@ def test_chunked_scan_matches_reference_values_and_gradients_float64(length, opt
         torch.testing.assert_close(g_chk[name], g_ref[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
-def test_chunked_scan_matches_reference_float32():
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fast_scans_match_reference_float32(backend):
     inputs = scan_inputs(70, dtype=torch.float32, seed=3)
     opts = OPTIONS[1]
     y_ref, g_ref = run_scan(inputs, backend="reference", **opts)
-    y_chk, g_chk = run_scan(inputs, backend="chunked", chunk_size=16, **opts)
+    y_chk, g_chk = run_scan(inputs, backend=backend, chunk_size=16, **opts)
     assert y_chk.dtype == torch.float32
     torch.testing.assert_close(y_chk, y_ref, rtol=1e-4, atol=1e-4)
     for name in g_ref:
@@ -114,7 +119,7 @@ def test_scan_of_two_steps_equals_the_recurrence_by_hand():
     y0 = 1.0 * h1[0] + 0.5 * h1[1]
     h2 = [math.exp(-0.25) * h1[0] + 0.25 * 3.0 * 2.0, math.exp(-0.5) * h1[1] + 0.25 * -1.0 * 2.0]
     y1 = 1.0 * h2[0] + 2.0 * h2[1]
-    for backend in ("reference", "chunked"):
+    for backend in ("reference", "sequential", "chunked"):
         y = selective_scan(u, delta, A, B, C, backend=backend)
         torch.testing.assert_close(y, torch.tensor([[[y0, y1]]], dtype=torch.float64))
 
@@ -127,8 +132,8 @@ def test_unknown_backend_is_rejected_by_name():
         Mamba(8, scan_backend="fancy")
 
 
-def test_auto_backend_is_chunked_on_cpu_and_cuda_backend_needs_a_gpu():
-    assert resolve_scan_backend("auto", device=torch.device("cpu")) == "chunked"
+def test_auto_backend_is_sequential_on_cpu_and_cuda_backend_needs_a_gpu():
+    assert resolve_scan_backend("auto", device=torch.device("cpu")) == "sequential"
     with pytest.raises(ValueError, match="cuda"):
         resolve_scan_backend("cuda", device=torch.device("cpu"))
 
@@ -191,13 +196,14 @@ def test_mamba_is_causal():
     assert (y_changed[:, 9:] - y[:, 9:]).abs().amax(dim=(0, 2)).min() > 0
 
 
-def test_mamba_reference_and_chunked_backends_agree():
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_mamba_reference_and_fast_backends_agree(backend):
     torch.manual_seed(0)
     model = Mamba(16, d_state=8, scan_backend="reference")
     x = torch.randn(2, 21, 16, requires_grad=True)
     y_ref = model(x)
     (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    model.scan_backend = "chunked"
+    model.scan_backend = backend
     y_chk = model(x)
     (g_chk,) = torch.autograd.grad(y_chk.square().sum(), x)
     torch.testing.assert_close(y_chk, y_ref, rtol=1e-5, atol=1e-5)

@@ -27,9 +27,10 @@ TINY_CONFIG = {
     "expression": {"seq_len": 32, "min_fraction_expressed": 0.0},
     "model": {"embed_dim": 16,
               "gene_encoder": {"d_model": 16, "n_layers": 1, "d_state": 4},
-              "image_encoder": {"patch_size": 8, "width": 32, "depth": 2, "num_heads": 2}},
+              "image_encoder": {"patch_size": 8, "width": 32, "depth": 3, "num_heads": 2}},
     "pretrain": {"epochs": 2, "batch_size": 8},
-    "finetune": {"epochs": 2, "batch_size": 8, "decoder_channels": 8},
+    "finetune": {"variants": ["mgi", "mgi_image_only"], "epochs": 2, "batch_size": 8,
+                 "decoder_channels": 8},
     "evaluate": {"bootstrap": 100},
 }
 

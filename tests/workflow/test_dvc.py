@@ -47,8 +47,7 @@ def test_dvc_repro_runs_the_demo_and_then_is_up_to_date(tmp_path: Path):
     first = run(["dvc", "repro"], work)
     assert "Running stage 'report'" in first.stdout
     metrics = json.loads((work / "results/tiny/report/metrics.json").read_text())
-    assert set(metrics["segmentation"]) == set(TINY_CONFIG["finetune"].get(
-        "variants", ["mgi", "mgi_image_only"]))
+    assert set(metrics["segmentation"]) == set(TINY_CONFIG["finetune"]["variants"])
 
     second = run(["dvc", "repro"], work)
     assert "Running stage" not in second.stdout

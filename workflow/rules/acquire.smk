@@ -28,8 +28,9 @@ if config["source"] == "synthetic":
             mem_mb=2000,
         params:
             settings=settings("synthetic", "seed"),
+            raw_dir=folder_of("manifest"),
         shell:
-            "mgi synthesize --settings {params.settings:q} --out-dir data/{COHORT}/raw "
+            "mgi synthesize --settings {params.settings:q} --out-dir {params.raw_dir} "
             "> {log} 2>&1"
 
     IMAGE_TABLE = "synthesize"
@@ -65,18 +66,19 @@ else:
             manifest=raw("manifest.tsv"),
         output:
             failures=raw("download_failures.tsv"),
-        params:
-            settings=settings("sources"),
         log:
             logs("gdc_download.log"),
+        conda:
+            ENV
         threads: 4
         resources:
             mem_mb=2000,
-        conda:
-            ENV
+        params:
+            settings=settings("sources"),
+            raw_dir=folder_of("manifest", of="input"),
         shell:
             "mgi acquire gdc-download --settings {params.settings:q} "
-            "--manifest {input.manifest} --raw-dir data/{COHORT}/raw > {log} 2>&1"
+            "--manifest {input.manifest} --raw-dir {params.raw_dir} > {log} 2>&1"
 
     checkpoint image_table:
         """The image table: MR series from TCIA (with masks) or the slides just downloaded."""
@@ -94,9 +96,10 @@ else:
             mem_mb=2000,
         params:
             settings=settings("sources", "imaging"),
+            raw_dir=folder_of("manifest", of="input"),
         shell:
             "mgi acquire images --settings {params.settings:q} --manifest {input.manifest} "
-            "--raw-dir data/{COHORT}/raw --images {output.images} > {log} 2>&1"
+            "--raw-dir {params.raw_dir} --images {output.images} > {log} 2>&1"
 
     IMAGE_TABLE = "image_table"
     EXPRESSION_FILES = raw("download_failures.tsv")

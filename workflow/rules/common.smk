@@ -1,6 +1,7 @@
 """Config validation, path helpers and input functions shared by every stage."""
 
 import json
+import os
 
 from snakemake.utils import min_version, validate
 
@@ -91,3 +92,12 @@ def variant_inputs(wildcards):
 def pretrained_option(wildcards, input):
     """`--pretrained <checkpoint>` for variants that start from pre-training, else nothing."""
     return f"--pretrained {input.pretrained}" if "pretrained" in input.keys() else ""
+
+
+def folder_of(key, *, of="output"):
+    """A params function: the folder holding the rule's input or output file `key`."""
+
+    def folder(wildcards, input, output):
+        return os.path.dirname((input if of == "input" else output)[key])
+
+    return folder

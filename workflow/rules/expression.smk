@@ -16,9 +16,11 @@ rule expression_matrix:
     threads: 2
     resources:
         mem_mb=4000,
+    params:
+        raw_dir=folder_of("manifest", of="input"),
     shell:
         "mgi expression --manifest {input.manifest} --clinical {input.clinical} "
-        "--raw-dir data/{COHORT}/raw --out {output.h5ad} > {log} 2>&1"
+        "--raw-dir {params.raw_dir} --out {output.h5ad} > {log} 2>&1"
 
 
 rule gene_sequences:

@@ -21,11 +21,12 @@ rule finetune:
     params:
         settings=settings("model", "finetune", "imaging", "expression", "seed"),
         pretrained=pretrained_option,
+        out_dir=folder_of("model"),
     shell:
         "mgi finetune --variant {wildcards.variant} {params.pretrained} "
         "--sequences {input.sequences} "
         "--splits {input.splits} --qc {input.qc} --settings {params.settings:q} "
-        "--out-dir results/{COHORT}/finetune/{wildcards.variant} --threads {threads} "
+        "--out-dir {params.out_dir} --threads {threads} "
         "> {log} 2>&1"
 
 

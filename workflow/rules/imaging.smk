@@ -22,9 +22,10 @@ if MODALITY == "mri":
             mem_mb=2000,
         params:
             settings=settings("imaging"),
+            raw_dir=folder_of("table", of="input"),
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "
-            "--raw-dir data/{COHORT}/raw --settings {params.settings:q} "
+            "--raw-dir {params.raw_dir} --settings {params.settings:q} "
             "--bank {output.bank} --qc {output.qc} > {log} 2>&1"
 
 else:
@@ -46,9 +47,10 @@ else:
             mem_mb=4000,
         params:
             settings=settings("imaging", "seed"),
+            raw_dir=folder_of("table", of="input"),
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "
-            "--raw-dir data/{COHORT}/raw --settings {params.settings:q} "
+            "--raw-dir {params.raw_dir} --settings {params.settings:q} "
             "--bank {output.bank} --qc {output.qc} --thumbnail {output.thumbnail} > {log} 2>&1"
 
 

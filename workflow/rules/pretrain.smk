@@ -21,7 +21,8 @@ rule pretrain:
         gpu=1,
     params:
         settings=settings("model", "pretrain", "imaging", "expression", "seed"),
+        out_dir=folder_of("model"),
     shell:
         "mgi pretrain --sequences {input.sequences} --splits {input.splits} --qc {input.qc} "
-        "--settings {params.settings:q} --out-dir results/{COHORT}/pretrain "
+        "--settings {params.settings:q} --out-dir {params.out_dir} "
         "--threads {threads} > {log} 2>&1"

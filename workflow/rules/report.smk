@@ -26,7 +26,8 @@ rule report:
     params:
         settings=settings("evaluate", "finetune"),
         cohort=COHORT,
+        results_dir=folder_of("splits", of="input"),
     shell:
-        "mgi report --cohort {params.cohort} --results-dir results/{COHORT} "
+        "mgi report --cohort {params.cohort} --results-dir {params.results_dir} "
         "--settings {params.settings:q} --metrics {output.metrics} --html {output.html} "
         "> {log} 2>&1"

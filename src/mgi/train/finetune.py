@@ -11,7 +11,7 @@ import torch
 from monai.losses import DiceCELoss
 from tqdm import tqdm
 
-from mgi.errors import TrainingError
+from mgi.errors import ConfigError, TrainingError
 from mgi.models import SegmentationModel, freeze_encoder, load_pretrained
 from mgi.train.build import (
     gene_config,
@@ -39,12 +39,15 @@ def build_variant(variant: str, settings: dict, *, vocab_size: int, in_chans: in
     if variant not in VARIANTS:
         raise TrainingError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     _, with_genes = VARIANTS[variant]
-    return SegmentationModel(
-        image_config(settings, in_chans=in_chans),
-        gene_config(settings, vocab_size=vocab_size) if with_genes else None,
-        fusion=settings["finetune"]["fusion"] if with_genes else "none",
-        decoder_channels=settings["finetune"]["decoder_channels"],
-    )
+    try:
+        return SegmentationModel(
+            image_config(settings, in_chans=in_chans),
+            gene_config(settings, vocab_size=vocab_size) if with_genes else None,
+            fusion=settings["finetune"]["fusion"] if with_genes else "none",
+            decoder_channels=settings["finetune"]["decoder_channels"],
+        )
+    except ValueError as err:  # an impossible combination of model.* and imaging.* keys
+        raise ConfigError(f"model / finetune config of variant {variant}: {err}") from err
 
 
 def finetune(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mgi.errors import ConfigError
 from mgi.io import atomic_path
 from mgi.models import ClipLoss, ClipModel, retrieval_metrics
 from mgi.train.build import (
@@ -44,7 +45,11 @@ def pretrain(
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
     gene_cfg = gene_config(settings, vocab_size=data.sequences.vocab_size)
     image_cfg = image_config(settings, in_chans=data.images.shape[1])
-    model = ClipModel(gene_cfg, image_cfg, init_temperature=opts["init_temperature"]).to(device)
+    try:
+        model = ClipModel(gene_cfg, image_cfg, init_temperature=opts["init_temperature"])
+    except ValueError as err:  # an impossible combination of model.* and imaging.* keys
+        raise ConfigError(f"model config: {err}") from err
+    model.to(device)
     loss_fn = ClipLoss()
     rng = np.random.default_rng(settings["seed"])
     train_items = data.items("train")
