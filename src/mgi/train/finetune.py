@@ -86,7 +86,8 @@ def finetune(
     train_items = data.items("train")
     steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
     total = steps_per_epoch * opts["epochs"]
-    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"],
+                      fusion_lr_scale=opts["fusion_lr_scale"])
     scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=max(1, total // 10))
     history = History(out_dir / "history.tsv")
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))

@@ -11,18 +11,27 @@ import torch
 
 from mgi.io import atomic_path, write_tsv
 
+FUSION_PREFIXES = ("films.", "cross_norm.", "cross_attention.", "gene_proj.")
 
-def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms, embeddings' scales and the temperature."""
-    decay, no_decay = [], []
+
+def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float,
+          fusion_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW without decay on biases, norms and the temperature; fusion layers at a scaled rate.
+
+    The fusion layers (FiLM, cross-attention) start from identity while everything else starts
+    pre-trained, so they may learn at `fusion_lr_scale` times the rate of the rest.
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_gain = param.ndim < 2 or "logit_scale" in name or name.endswith(("A_log", ".D"))
-        (no_decay if is_gain else decay).append(param)
+        is_fusion = name.startswith(FUSION_PREFIXES)
+        groups.setdefault((is_gain, is_fusion), []).append(param)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "weight_decay": 0.0 if is_gain else weight_decay,
+          "lr": lr * (fusion_lr_scale if is_fusion else 1.0)}
+         for (is_gain, is_fusion), params in sorted(groups.items())],
         lr=lr,
     )
 
