@@ -1,5 +1,6 @@
 """Config validation, path helpers and input functions shared by every stage."""
 
+import functools
 import json
 import os
 
@@ -37,13 +38,26 @@ def settings(*keys):
     return json.dumps({key: config[key] for key in keys}, sort_keys=True)
 
 
-def image_ids(wildcards):
-    """Ids of the cohort's images of the configured modality, read from the acquired image table."""
-    table = getattr(checkpoints, IMAGE_TABLE).get().output.images
-    with open(table) as handle:
+def image_table():
+    """Rows of the acquired image table (images.tsv), read once per file version."""
+    path = getattr(checkpoints, IMAGE_TABLE).get().output.images
+    return _read_image_table(path, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_image_table(path, mtime):
+    with open(path) as handle:
         header = handle.readline().rstrip("\n").split("\t")
-        rows = [dict(zip(header, line.rstrip("\n").split("\t"))) for line in handle]
-    return sorted(row["image_id"] for row in rows if row["modality"] == MODALITY)
+        return tuple(
+            dict(zip(header, line.rstrip("\n").split("\t"))) for line in handle
+        )
+
+
+def image_ids(wildcards):
+    """Ids of the cohort's images of the configured modality."""
+    return sorted(
+        row["image_id"] for row in image_table() if row["modality"] == MODALITY
+    )
 
 
 def image_banks(wildcards):
@@ -58,14 +72,10 @@ def image_qc_rows(wildcards):
 
 def image_row(image_id):
     """The image table's row of one image."""
-    table = getattr(checkpoints, IMAGE_TABLE).get().output.images
-    with open(table) as handle:
-        header = handle.readline().rstrip("\n").split("\t")
-        for line in handle:
-            row = dict(zip(header, line.rstrip("\n").split("\t")))
-            if row["image_id"] == image_id:
-                return row
-    raise ValueError(f"{table}: no image with image_id {image_id!r}")
+    for row in image_table():
+        if row["image_id"] == image_id:
+            return row
+    raise ValueError(f"{raw('images.tsv')}: no image with image_id {image_id!r}")
 
 
 def image_inputs(wildcards):

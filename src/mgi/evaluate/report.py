@@ -118,21 +118,22 @@ def _overlays(results_dir: Path, variants: list[str], mgi_patients: pd.DataFrame
     predictions = {}
     for variant in variants:
         with h5py.File(results_dir / "finetune" / variant / "test_predictions.h5", "r") as h5:
-            predictions[variant] = (h5["case_id"][:].astype(str), h5["coord"][:],
+            predictions[variant] = (h5["image_id"][:].astype(str), h5["index"][:],
                                     h5["probabilities"][:], float(h5.attrs["threshold"]))
     figures = []
     for label, row in picks.items():
         case = ranked.loc[row, "case_id"]
         image_ids = qc[(qc["case_id"] == case) & (qc["status"] == "ok")]["image_id"]
-        bank = read_bank(results_dir / "images" / f"{image_ids.iloc[0]}.h5")
+        image_id = image_ids.iloc[0]
+        bank = read_bank(results_dir / "images" / f"{image_id}.h5")
         if bank.masks is None:
             continue
         item = int(np.argmax(bank.masks.reshape(len(bank.masks), -1).sum(1)))
         sequences = json.loads(bank.attrs.get("sequences", "[]") or "[]")
         channel = sequences.index("FLAIR") if "FLAIR" in sequences else 0
         preds = {}
-        for variant, (cases, coords, probs, threshold) in predictions.items():
-            match = np.flatnonzero((cases == case) & np.isclose(coords, bank.coords[item, 0]))
+        for variant, (images, indices, probs, threshold) in predictions.items():
+            match = np.flatnonzero((images == image_id) & (indices == item))
             if len(match):
                 preds[variant] = probs[match[0]] / 255.0 >= threshold
         dice = float(ranked.loc[row, "dice"])

@@ -70,6 +70,8 @@ def evaluate_variant(
                           compression="lzf")
         h5.create_dataset("case_id", data=data.item_case[items].astype("S"))
         h5.create_dataset("coord", data=data.item_coord[items])
+        h5.create_dataset("image_id", data=data.item_image[items].astype("S"))
+        h5.create_dataset("index", data=data.item_index[items])
         h5.attrs["variant"] = variant
         h5.attrs["threshold"] = threshold
     log.info("%s: test patient Dice %.4f over %d patients", variant,

@@ -25,7 +25,9 @@ class CohortData:
     masks: np.ndarray | None  # (N, H, W) uint8 0/1, or None where no bank has masks
     item_case: np.ndarray  # (N,) case id of each item
     item_split: np.ndarray  # (N,) split of each item
-    item_coord: np.ndarray  # (N,) slice position / tile index, to order a patient's items
+    item_coord: np.ndarray  # (N,) slice position (MRI) or tile x (WSI), to order a patient's items
+    item_image: np.ndarray  # (N,) image id of the bank each item comes from
+    item_index: np.ndarray  # (N,) index of the item inside its bank
     sequences: GeneSequences
     case_row: dict[str, int]  # case id -> row of sequences.token_ids
 
@@ -59,7 +61,7 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
     split_of = dict(zip(splits["case_id"], splits["split"], strict=True))
     case_row = {case: i for i, case in enumerate(sequences.case_ids)}
     qc = read_tsv(qc_path, required=["image_id", "case_id", "status"])
-    images, masks, cases, item_splits, coords = [], [], [], [], []
+    images, masks, cases, item_splits, coords, image_ids, indices = [], [], [], [], [], [], []
     any_mask = False
     for row in qc.itertuples():
         split = split_of.get(row.case_id)
@@ -76,6 +78,8 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
         else:
             masks.append(np.zeros((n, *bank.images.shape[2:]), dtype=np.uint8))
         cases += [row.case_id] * n
+        image_ids += [row.image_id] * n
+        indices.append(np.arange(n))
         item_splits += [split] * n
         coords.append(np.asarray(bank.coords)[:, 0] if len(bank.coords) else np.zeros(n))
     if not images:
@@ -87,6 +91,8 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
         item_case=np.array(cases, dtype=object),
         item_split=np.array(item_splits, dtype=object),
         item_coord=np.concatenate(coords),
+        item_image=np.array(image_ids, dtype=object),
+        item_index=np.concatenate(indices),
         sequences=sequences,
         case_row=case_row,
     )

@@ -46,7 +46,7 @@ def make_splits(
     order = rng.permutation(len(paired))
     n = len(paired)
     n_test = max(1, round(n * test_fraction))
-    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    n_val = max(1, round(n * val_fraction))
     if n - n_test - n_val < 1:
         raise TrainingError(f"{n} paired patients are too few for val {val_fraction} and "
                             f"test {test_fraction}")
