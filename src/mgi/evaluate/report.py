@@ -43,14 +43,19 @@ def _metric_summary(patients: pd.DataFrame, *, n_boot: int) -> dict:
     return summary
 
 
-def build_metrics(*, cohort: str, results_dir: Path, variants: list[str], n_boot: int) -> dict:
-    """The numbers of the report: split sizes, retrieval, per-variant metrics and comparisons."""
-    splits = read_tsv(results_dir / "splits.tsv", required=["case_id", "split"])
-    retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
+def load_patients(results_dir: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
+    """Each variant's per-patient test metrics, numeric (an empty HD95 is NaN)."""
     patients = {v: read_tsv(results_dir / "finetune" / v / "test_patients.tsv") for v in variants}
     for table in patients.values():
         for key in ("dice", "iou", "hd95"):
             table[key] = pd.to_numeric(table[key].replace("", "nan"))
+    return patients
+
+
+def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
+                  patients: dict[str, pd.DataFrame], n_boot: int) -> dict:
+    """The numbers of the report: split sizes, retrieval, per-variant metrics and comparisons."""
+    variants = list(patients)
     test = retrieval["test"]
     metrics = {
         "cohort": cohort,
@@ -83,7 +88,7 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-def _run_facts(results_dir: Path) -> dict:
+def _run_facts(training_device: str) -> dict:
     """What ran where: versions, commit, hardware, time."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -96,8 +101,7 @@ def _run_facts(results_dir: Path) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
-    return {"commit": commit, "versions": versions, "training_device": retrieval.get("device", "?"),
+    return {"commit": commit, "versions": versions, "training_device": training_device,
             "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -150,18 +154,17 @@ def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path
     """Write metrics.json and report.html; return the metrics."""
     variants = list(settings["finetune"]["variants"])
     n_boot = settings["evaluate"]["bootstrap"]
-    metrics = build_metrics(cohort=cohort, results_dir=results_dir, variants=variants,
-                            n_boot=n_boot)
+    retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
+    patients = load_patients(results_dir, variants)
+    splits = read_tsv(results_dir / "splits.tsv", required=["case_id", "split"])
+    metrics = build_metrics(cohort=cohort, splits=splits, retrieval=retrieval,
+                            patients=patients, n_boot=n_boot)
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
-    retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
     pre_history = read_tsv(results_dir / "pretrain" / "history.tsv").apply(pd.to_numeric)
     histories = {v: read_tsv(results_dir / "finetune" / v / "history.tsv").apply(pd.to_numeric)
                  for v in variants}
-    patients = {v: read_tsv(results_dir / "finetune" / v / "test_patients.tsv") for v in variants}
-    for table in patients.values():
-        table["dice"] = pd.to_numeric(table["dice"])
     seg = metrics["segmentation"]
     intervals = {v: (seg[v]["dice_ci_low"], seg[v]["dice_ci_high"]) for v in variants}
     qc = read_tsv(results_dir / "images" / "qc.tsv")
@@ -181,7 +184,7 @@ def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path
         cohort=cohort, metrics=metrics, retrieval=retrieval, variants=variants,
         figures=figures, overlays=_overlays(results_dir, variants, patients[variants[0]]),
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
-        n_images=len(qc), facts=_run_facts(results_dir), settings=settings,
+        n_images=len(qc), facts=_run_facts(retrieval.get("device", "unknown")), settings=settings,
         pretrain_seconds=float(pre_history["seconds"].iloc[-1]),
         finetune_seconds={v: float(h["seconds"].iloc[-1]) for v, h in histories.items()},
     )

@@ -11,7 +11,8 @@ import torch
 
 from mgi.io import atomic_path, write_tsv
 
-FUSION_PREFIXES = ("films.", "cross_norm.", "cross_attention.", "gene_proj.")
+# Parameter names of the gene fusion layers of mgi.models.SegmentationModel.
+FUSION_PREFIXES = ("films.", "cross_norm.", "cross_attention.")
 
 
 def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float,
