@@ -38,7 +38,11 @@ def _expression(args: argparse.Namespace) -> None:
     from mgi.expression.anndata_build import build_expression, write_h5ad
 
     adata = build_expression(
-        Path(args.manifest), raw_dir=Path(args.raw_dir), clinical_path=Path(args.clinical)
+        Path(args.manifest),
+        raw_dir=Path(args.raw_dir),
+        clinical_path=Path(args.clinical),
+        layers=args.layers,
+        duplicates=args.duplicates,
     )
     write_h5ad(adata, Path(args.out))
     log.info("expression matrix: %d cases x %d genes -> %s", adata.n_obs, adata.n_vars, args.out)
@@ -47,13 +51,27 @@ def _expression(args: argparse.Namespace) -> None:
 def _sequences(args: argparse.Namespace) -> None:
     import anndata
 
+    from mgi.expression.gtf import check_gene_model, read_gene_positions
+    from mgi.expression.order import read_gene_list
     from mgi.expression.tokens import SequenceConfig, build_sequences, write_sequences
     from mgi.io import read_tsv
 
-    config = SequenceConfig.from_mapping(_settings(args.settings)["expression"])
+    section = dict(_settings(args.settings)["expression"])
+    section.pop("duplicate_profiles", None)  # the matrix's key, not the sequences'
+    config = SequenceConfig.from_mapping(section)
     splits = read_tsv(args.splits, required=["case_id", "split"])
     splits = splits[splits["split"].isin(["train", "val", "test"])]
-    seqs = build_sequences(anndata.read_h5ad(args.expression), splits, config=config)
+    adata = anndata.read_h5ad(args.expression)
+    positions = None
+    if config.order == "genomic":
+        if not args.gtf:
+            raise MgiError("mgi sequences: expression.order 'genomic' needs --gtf <GENCODE GTF>")
+        check_gene_model(args.gtf, str(adata.uns.get("gene_model", "")))
+        positions = read_gene_positions(args.gtf)
+    gene_list = read_gene_list(config.gene_list) if config.gene_list else None
+    seqs = build_sequences(
+        adata, splits, config=config, positions=positions, gene_list=gene_list
+    )
     write_sequences(seqs, sequences_path=Path(args.sequences), vocab_path=Path(args.vocab))
     log.info("%d sequences of %d tokens, vocabulary %d", *seqs.token_ids.shape, len(seqs.vocab))
 
@@ -179,18 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
 
     p = command("acquire", _acquire, "fetch a real cohort (GDC expression/slides, TCIA MRI)")
-    p.add_argument("action", choices=["gdc-query", "gdc-download", "images"])
+    p.add_argument("action", choices=["gdc-query", "gdc-download", "images", "gtf"])
     p.add_argument("--settings", required=True)
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest")
     p.add_argument("--clinical")
     p.add_argument("--raw-dir")
     p.add_argument("--images")
+    p.add_argument("--out", help="gtf: where the GENCODE GTF goes")
 
     p = command("expression", _expression, "expression files to an AnnData matrix")
     p.add_argument("--manifest", required=True)
     p.add_argument("--clinical", required=True)
     p.add_argument("--raw-dir", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--layers", nargs="*", default=["tpm"],
+                   help="value layers besides the counts: tpm, fpkm, fpkm_uq")
+    p.add_argument("--duplicates", default="choose", choices=["choose", "error"],
+                   help="several profiles of a case: choose one by the manifest rule, or fail")
 
     p = command("sequences", _sequences, "AnnData to ordered gene token sequences")
     p.add_argument("--expression", required=True)
@@ -198,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True)
     p.add_argument("--sequences", required=True)
     p.add_argument("--vocab", required=True)
+    p.add_argument("--gtf", help="GENCODE GTF with the gene positions (order genomic)")
 
     p = command("image", _image, "one MR series or slide to its image bank")
     p.add_argument("--images", required=True, help="the image table (images.tsv)")

@@ -314,3 +314,36 @@ def test_gdc_download_fails_when_no_expression_file_arrives(fake_api, tmp_path, 
     assert rc == 1
     assert "none of its 1 expression file(s) could be downloaded" in capsys.readouterr().err
     assert read_tsv(raw / "download_failures.tsv")["id"].tolist() == ["nope"]
+
+
+# --- the GTF reference file ----------------------------------------------------------------------
+
+
+def _gtf_args(api_url: str, out, *, md5: str, size: int | None = None) -> argparse.Namespace:
+    settings = json.loads(_settings(api_url, gtf={"file_id": "ref-gtf", "md5": md5,
+                                                  "size": size}))
+    return argparse.Namespace(settings=json.dumps(settings), manifest=None, clinical=None,
+                              raw_dir=None, images=None, out=str(out))
+
+
+def test_gtf_reference_file_resumes_without_a_known_size_and_checks_md5(
+    fake_api, tmp_path, sleeps
+):
+    content = _content(150_000)
+    fake_api.add_file("ref-gtf", content)
+    fake_api.faults["ref-gtf"] = ["drop"]
+    out = tmp_path / "raw" / "reference" / "gencode.annotation.gtf.gz"
+    remote.run("gtf", _gtf_args(fake_api.url, out, md5=hashlib.md5(content).hexdigest()))
+    assert out.read_bytes() == content
+    _first, second = fake_api.requests_to("/data/ref-gtf")
+    assert second.headers["Range"].startswith("bytes=") and second.status == 206
+    remote.run("gtf", _gtf_args(fake_api.url, out, md5=hashlib.md5(content).hexdigest()))
+    assert len(fake_api.requests_to("/data/ref-gtf")) == 2  # in place: nothing fetched again
+
+
+def test_gtf_with_the_wrong_md5_is_refused_and_not_kept(fake_api, tmp_path, sleeps):
+    fake_api.add_file("ref-gtf", _content(1000))
+    out = tmp_path / "reference" / "gencode.annotation.gtf.gz"
+    with pytest.raises(AcquireError, match=r"ref-gtf \(GTF .*could not be downloaded.*md5"):
+        remote.run("gtf", _gtf_args(fake_api.url, out, md5="0" * 32))
+    assert not out.exists() and not list(out.parent.glob("*.partial"))

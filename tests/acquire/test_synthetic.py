@@ -22,6 +22,7 @@ from skimage.filters import threshold_otsu
 from mgi.acquire import synthetic
 from mgi.acquire.synthetic import SyntheticCohortConfig, write_cohort
 from mgi.errors import AcquireError, ConfigError
+from mgi.expression.gtf import check_gene_model, read_gene_positions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = SyntheticCohortConfig(n_cases=4, n_genes=80, n_linked_genes=5, slices=6, image_px=32,
@@ -176,6 +177,24 @@ def test_star_files_have_the_gdc_layout(cohort: Path) -> None:
     assert (table.unstranded.astype(int) == 0).any()
 
 
+def test_gtf_places_every_star_gene_and_states_the_same_release(cohort: Path) -> None:
+    gtf = cohort / synthetic.GTF_PATH
+    positions = read_gene_positions(gtf)
+    manifest = _table(cohort, "manifest.tsv")
+    star = _star(cohort / manifest.path.iloc[0]).iloc[4:]
+    assert sorted(positions["gene_id_version"]) == sorted(star.gene_id)
+    by_id = positions.set_index("gene_id_version").loc[star.gene_id]
+    assert by_id["gene_name"].tolist() == star.gene_name.tolist()
+    assert by_id["gene_type"].tolist() == star.gene_type.tolist()
+    assert (positions["end"] > positions["start"]).all()
+    assert positions["chromosome"].isin([f"chr{c}" for c in [*range(1, 23), "X", "Y", "M"]]).all()
+    check_gene_model(gtf, "GENCODE v36")  # the STAR files' gene-model line
+    with gzip.open(gtf, "rt") as handle:
+        features = {line.split("\t")[2] for line in handle if not line.startswith("#")}
+    assert features == {"gene", "transcript"}
+    assert manifest["sample_barcode"].str.fullmatch(r".+-01A").all()
+
+
 def test_star_header_matches_the_real_gdc_sample(cohort: Path) -> None:
     real = _real_sample("gdc/gdc-rnaseq-tool_test_set_1.final.tsv.gz")
     with gzip.open(real, "rt") as handle:
@@ -327,6 +346,14 @@ def test_refuses_to_replace_a_folder_that_is_not_a_cohort(tmp_path: Path) -> Non
         write_cohort(out, config=replace(TINY, n_cases=2, slices=3, n_slides=0))
     assert (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+def test_a_folder_of_empty_output_folders_is_replaced(tmp_path: Path) -> None:
+    """Snakemake makes the parent folder of each output (reference/) before the job runs."""
+    out = tmp_path / "raw"
+    (out / "reference").mkdir(parents=True)
+    write_cohort(out, config=replace(TINY, n_cases=2, slices=3, n_slides=0))
+    assert (out / "manifest.tsv").is_file() and (out / synthetic.GTF_PATH).is_file()
 
 
 @pytest.mark.parametrize(("field", "value"), [

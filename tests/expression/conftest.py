@@ -19,6 +19,7 @@ HEADER = [
 QC_NAMES = ["N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous"]
 MANIFEST_COLUMNS = [
     "id", "filename", "md5", "size", "state", "case_id", "data_type", "sample_type", "path",
+    "sample_barcode",
 ]
 
 
@@ -97,12 +98,14 @@ def write_cohort(
     *,
     case_ids: Sequence[str] | None = None,
     sample_types: Sequence[str] | None = None,
+    sample_barcodes: Sequence[str] | None = None,
     extra_rows: Sequence[dict] = (),
 ) -> Path:
     """Write one STAR file per row of `counts` and the manifest listing them; return it."""
     n = len(counts)
     case_ids = list(case_ids or [f"case-{i:03d}" for i in range(n)])
     sample_types = list(sample_types or ["Primary Tumor"] * n)
+    sample_barcodes = list(sample_barcodes or [f"{c}-01A" for c in case_ids])
     rows = []
     for i in range(n):
         file_id = f"file-{i:03d}"
@@ -115,6 +118,7 @@ def write_cohort(
                 "state": "released", "case_id": case_ids[i],
                 "data_type": "Gene Expression Quantification",
                 "sample_type": sample_types[i], "path": rel,
+                "sample_barcode": sample_barcodes[i],
             }
         )
     rows.extend(extra_rows)
@@ -147,5 +151,6 @@ def counts_matrix() -> Callable[..., np.ndarray]:
 
 @pytest.fixture
 def cohort_writer() -> Callable[..., Path]:
-    """cohort_writer(raw_dir, genes, counts, *, case_ids, sample_types, extra_rows) -> manifest."""
+    """cohort_writer(raw_dir, genes, counts, *, case_ids, sample_types, sample_barcodes,
+    extra_rows) -> manifest."""
     return write_cohort

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mgi.errors import ExpressionFileError
+from mgi.errors import ExpressionFileError, MgiError
 from mgi.expression.anndata_build import build_expression, write_h5ad
 
 
@@ -73,52 +73,61 @@ def test_par_y_genes_keep_their_suffix_so_ids_stay_unique(
     assert adata.var_names.is_unique
 
 
-def test_duplicate_profiles_prefer_primary_tumor_then_most_reads(
-    tmp_path, genes, counts_matrix, cohort_writer
+def test_duplicate_profiles_follow_the_manifest_rule_and_dropped_ones_are_warned(
+    tmp_path, genes, counts_matrix, cohort_writer, caplog
 ):
-    counts = counts_matrix(5, len(genes))
-    counts[1] = counts[0] * 3  # the normal sample of case A has the most reads, yet loses
-    counts[3] = counts[2] * 2  # of case B's two primary tumours, the deeper one wins
+    counts = counts_matrix(7, len(genes))
+    counts[1] = counts[0] * 3  # case A: the normal sample has the most reads, yet loses
     manifest = cohort_writer(
         tmp_path, genes, counts,
-        case_ids=["A", "A", "B", "B", "C"],
-        sample_types=["Primary Tumor", "Solid Tissue Normal", "Primary Tumor", "Primary Tumor",
-                      "Solid Tissue Normal"],
+        case_ids=["A", "A", "B", "B", "C", "D", "D"],
+        sample_types=["Primary Tumor", "Solid Tissue Normal", "Recurrent Tumor", "Primary Tumor",
+                      "Solid Tissue Normal", "Primary Tumor", "Primary Tumor"],
+        sample_barcodes=["A-01A", "A-11A", "B-02A", "B-01B", "C-11A", "D-01B", "D-01A"],
     )
-    adata = build_expression(manifest, raw_dir=tmp_path)
-    assert adata.obs_names.tolist() == ["A", "B", "C"]
-    assert adata.obs["file_id"].tolist() == ["file-000", "file-003", "file-004"]
-    assert adata.obs["n_profiles"].tolist() == [2, 2, 1]
-    # A single profile is kept whatever its sample type: no case is dropped silently.
-    assert adata.obs.loc["C", "sample_type"] == "Solid Tissue Normal"
+    with caplog.at_level("WARNING"):
+        adata = build_expression(manifest, raw_dir=tmp_path)
+    # A: primary before normal; B: primary before recurrent; D: the smaller barcode.
+    assert adata.obs_names.tolist() == ["A", "B", "D"]
+    assert adata.obs["file_id"].tolist() == ["file-000", "file-003", "file-006"]
+    assert adata.obs["sample_barcode"].tolist() == ["A-01A", "B-01B", "D-01A"]
+    assert adata.obs["n_profiles"].tolist() == [2, 2, 2]
     np.testing.assert_array_equal(adata.X[1], counts[3])
+    # Nothing disappears silently: each file left out, and case C, is named in a warning.
+    for name in ("file-001", "file-002", "file-004", "file-005"):
+        assert name in caplog.text
+    assert "only normal-tissue expression profiles and are left out: ['C']" in caplog.text
 
 
-def test_duplicates_without_a_primary_tumor_raise_naming_case_and_files(
+def test_duplicates_are_refused_when_the_config_says_error(
     tmp_path, genes, counts_matrix, cohort_writer
 ):
     manifest = cohort_writer(
         tmp_path, genes, counts_matrix(3, len(genes)),
         case_ids=["A", "B", "B"],
-        sample_types=["Primary Tumor", "Recurrent Tumor", "Solid Tissue Normal"],
+        sample_types=["Primary Tumor", "Recurrent Tumor", "Primary Tumor"],
     )
     with pytest.raises(ExpressionFileError) as err:
-        build_expression(manifest, raw_dir=tmp_path)
+        build_expression(manifest, raw_dir=tmp_path, duplicates="error")
     message = str(err.value)
-    assert "case B has 2 expression profiles" in message
+    assert str(manifest) in message and "case B has 2 expression profiles" in message
     assert "file-001" in message and "file-002" in message
-    assert "[Recurrent Tumor]" in message
+    assert "[Recurrent Tumor]" in message and "duplicate_profiles is 'error'" in message
+    # One profile per case passes with "error" too.
+    single = cohort_writer(tmp_path / "single", genes, counts_matrix(2, len(genes)))
+    assert build_expression(single, raw_dir=tmp_path / "single", duplicates="error").n_obs == 2
 
 
-def test_tied_primary_tumors_raise_naming_case_and_files(
-    tmp_path, genes, counts_matrix, cohort_writer
-):
-    counts = counts_matrix(2, len(genes))
-    counts[1] = counts[0][::-1]  # same total, other genes
-    manifest = cohort_writer(tmp_path, genes, counts, case_ids=["A", "A"])
-    with pytest.raises(ExpressionFileError, match=r"case A has 2 'Primary Tumor' profiles.*"
-                                                  r"file-000.*file-001"):
-        build_expression(manifest, raw_dir=tmp_path)
+def test_value_layers_are_read_as_asked(tmp_path, genes, counts_matrix, cohort_writer):
+    counts = counts_matrix(3, len(genes))
+    manifest = cohort_writer(tmp_path, genes, counts)
+    adata = build_expression(manifest, raw_dir=tmp_path, layers=["tpm", "fpkm_uq"])
+    assert sorted(adata.layers) == ["counts", "fpkm_uq", "tpm"]
+    tpm = counts / counts.sum(axis=1, keepdims=True) * 1e6
+    np.testing.assert_allclose(adata.layers["fpkm_uq"], tpm / 3, rtol=1e-5)  # conftest: tpm/3
+    assert sorted(build_expression(manifest, raw_dir=tmp_path, layers=[]).layers) == ["counts"]
+    with pytest.raises(MgiError, match="layers"):
+        build_expression(manifest, raw_dir=tmp_path, layers=["rpkm"])
 
 
 def test_missing_file_of_the_manifest_is_named(tmp_path, genes, counts_matrix, cohort_writer):

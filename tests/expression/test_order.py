@@ -10,7 +10,7 @@ import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
 from mgi.expression import order as order_module
-from mgi.expression.order import GeneOrder, SequenceConfig, normalised
+from mgi.expression.order import GeneOrder, SequenceConfig, normalised, read_gene_list
 
 
 def make_adata(counts: np.ndarray, *, types: list[str] | None = None) -> ad.AnnData:
@@ -133,13 +133,100 @@ def test_rank_drops_zero_genes_and_cuts_at_seq_len():
     assert (fitted.transform(linear) >= 0).sum() == 9  # seq_len - 1: <cls> takes one place
 
 
-def test_fixed_order_without_hvg_is_var_order_for_every_case(counts_matrix):
-    adata = make_adata(counts_matrix(6, 30) + 1)
-    cfg = SequenceConfig(order="fixed", seq_len=12, min_fraction_expressed=0)
+def test_fixed_order_without_hvg_keeps_the_most_expressed_train_genes_in_that_order():
+    means = np.arange(1, 31) * 10  # gene i has mean 10 * (i + 1)
+    counts = np.tile(means, (6, 1))
+    counts[:, [4, 17]] = counts[:, [17, 4]]  # genes 4 and 17 swap places
+    adata = make_adata(counts)
+    cfg = SequenceConfig(order="fixed", seq_len=6, min_fraction_expressed=0)
     fitted = GeneOrder(cfg).fit(adata)
-    positions = fitted.transform(fitted.expression(adata)[0])
-    assert (positions == positions[0]).all()
-    assert fitted.genes_[positions[0]].tolist() == list(range(11))
+    positions = fitted.transform(fitted.expression(make_adata(counts[:2] * 0 + 1))[0])
+    assert (positions == positions[0]).all()  # the same genes for every case, expressed or not
+    assert fitted.genes_[positions[0]].tolist() == [29, 28, 27, 26, 25]
+
+
+def positions_table(chromosomes: list[str], starts: list[int]) -> pd.DataFrame:
+    """Gene positions as read_gene_positions returns them, for make_adata's gene ids."""
+    ids = [f"ENSG{i:011d}" for i in range(len(starts))]
+    return pd.DataFrame(
+        {"chromosome": chromosomes, "start": starts, "end": [s + 10 for s in starts]},
+        index=ids,
+    )
+
+
+def test_genomic_order_is_chromosome_then_start_for_every_case():
+    counts = np.full((4, 6), 100)
+    counts[0, 0] = 0  # gene 0 not expressed in one case: it keeps its place (value 0)
+    positions = positions_table(
+        ["chr2", "chr10", "chr1", "chrX", "chr1", "chr2"], [500, 10, 900, 5, 100, 20]
+    )
+    cfg = SequenceConfig(order="genomic", seq_len=10, min_fraction_expressed=0)
+    fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
+    sequence = fitted.transform(fitted.expression(make_adata(counts))[0])
+    expected = [4, 2, 5, 0, 1, 3]  # chr1:100, chr1:900, chr2:20, chr2:500, chr10 (not 1 < 2), X
+    for row in sequence:
+        assert fitted.genes_[row[:6]].tolist() == expected
+        assert (row[6:] == -1).all()
+
+
+def test_genomic_order_keeps_the_most_expressed_genes_when_they_do_not_fit():
+    counts = np.tile(np.array([5, 50, 10, 40, 30, 20]), (3, 1))
+    positions = positions_table(["chr1"] * 6, [60, 50, 40, 30, 20, 10])
+    cfg = SequenceConfig(order="genomic", seq_len=4, min_fraction_expressed=0)
+    fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
+    row = fitted.transform(fitted.expression(make_adata(counts))[0])[0]
+    # top three by expression: genes 1, 3, 4; then by start: 4 (20), 3 (30), 1 (50)
+    assert fitted.genes_[row].tolist() == [4, 3, 1]
+
+
+def test_genomic_order_leaves_out_genes_missing_from_the_gtf_and_needs_positions(caplog):
+    counts = np.full((3, 5), 100)
+    positions = positions_table(["chr1"] * 5, [50, 40, 30, 20, 10]).drop(index="ENSG00000000002")
+    cfg = SequenceConfig(order="genomic", seq_len=10, min_fraction_expressed=0)
+    with caplog.at_level("WARNING"):
+        fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
+    assert sorted(fitted.genes_.tolist()) == [0, 1, 3, 4]
+    assert "1 candidate gene(s) have no 'gene' record in the GTF" in caplog.text
+    with pytest.raises(ConfigError, match=r"genomic.*needs gene positions"):
+        GeneOrder(cfg).fit(make_adata(counts))
+
+
+def test_gene_list_restricts_the_genes_and_gives_the_fixed_order(caplog):
+    counts = np.full((3, 8), 100)
+    adata = make_adata(counts)
+    entries = ["G5", "ENSG00000000002.7", "NOT_A_GENE", "G0", "G5"]  # names, versioned id
+    cfg = SequenceConfig(order="fixed", seq_len=10, min_fraction_expressed=0)
+    with caplog.at_level("WARNING"):
+        fitted = GeneOrder(cfg).fit(adata, gene_list=entries)
+    row = fitted.transform(fitted.expression(adata)[0])[0]
+    assert fitted.genes_[row[:3]].tolist() == [5, 2, 0] and (row[3:] == -1).all()
+    assert "1 of 5 gene(s) not in the expression matrix" in caplog.text
+    ranked = GeneOrder(SequenceConfig(seq_len=10, min_fraction_expressed=0)).fit(
+        adata, gene_list=entries
+    )
+    assert sorted(ranked.genes_.tolist()) == [0, 2, 5]
+    with pytest.raises(ExpressionFileError, match=r"among the genes of expression.gene_list"):
+        GeneOrder(cfg).fit(adata, gene_list=["NOT_A_GENE"])
+
+
+def test_gene_list_file_skips_comments_header_and_extra_columns(tmp_path):
+    path = tmp_path / "genes.tsv"
+    path.write_text("gene_id\tnote\n# a comment\nENSG1.2\tx\n\nTP53\n")
+    assert read_gene_list(path) == ["ENSG1.2", "TP53"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ExpressionFileError, match=r"empty.txt: no gene in the list"):
+        read_gene_list(tmp_path / "empty.txt")
+
+
+def test_fpkm_uq_normalisation_is_log1p_of_its_layer():
+    adata = make_adata(np.array([[1, 2, 3], [4, 5, 6]]))
+    adata.layers["fpkm_uq"] = np.array([[10.0, 0.0, 3.0], [1.0, 2.0, 0.5]], dtype=np.float32)
+    linear, logged = normalised(adata, method="fpkm_uq")
+    np.testing.assert_allclose(linear, adata.layers["fpkm_uq"])
+    np.testing.assert_allclose(logged, np.log1p(adata.layers["fpkm_uq"]), rtol=1e-6)
+    del adata.layers["fpkm_uq"]
+    with pytest.raises(ExpressionFileError, match="no 'fpkm_uq' layer"):
+        normalised(adata, method="fpkm_uq")
 
 
 def test_hvg_is_scanpy_seurat_on_train_log_data_in_dispersion_order(counts_matrix):

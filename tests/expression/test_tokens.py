@@ -38,9 +38,23 @@ def make_adata(counts: np.ndarray) -> ad.AnnData:
     obs = pd.DataFrame(index=[f"case-{i:02d}" for i in range(n_cases)])
     x = counts.astype(np.float32)
     tpm = x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e6
-    adata = ad.AnnData(X=x, obs=obs, var=var, layers={"counts": x.copy(), "tpm": tpm})
+    adata = ad.AnnData(
+        X=x, obs=obs, var=var, layers={"counts": x.copy(), "tpm": tpm, "fpkm_uq": tpm / 3}
+    )
     adata.uns["gene_model"] = "GENCODE v36"
     return adata
+
+
+def gene_positions(n_genes: int) -> pd.DataFrame:
+    """Random chromosome and start of every gene id of make_adata (as read_gene_positions)."""
+    rng = np.random.default_rng(5)
+    return pd.DataFrame(
+        {
+            "chromosome": rng.choice(["chr1", "chr2", "chr10", "chrX"], size=n_genes),
+            "start": rng.integers(1, 10**8, size=n_genes),
+        },
+        index=[f"ENSG{i:011d}" for i in range(n_genes)],
+    )
 
 
 @pytest.fixture
@@ -59,7 +73,11 @@ CONFIGS = [
     SequenceConfig(seq_len=16, min_fraction_expressed=0.2),
     SequenceConfig(seq_len=16, n_hvg=12, order="fixed", values="continuous"),
     SequenceConfig(seq_len=32, normalize="tpm", n_hvg=20, n_bins=11),
+    SequenceConfig(seq_len=24, order="genomic", normalize="fpkm_uq"),
+    SequenceConfig(seq_len=24, order="genomic", n_hvg=16, values="continuous"),
 ]
+CONFIG_IDS = ["rank-bins", "fixed-hvg-continuous", "tpm-hvg", "genomic-fpkm_uq",
+              "genomic-hvg-continuous"]
 
 
 def test_quantile_bins_are_zero_for_zero_and_span_one_to_n_bins_minus_one():
@@ -133,19 +151,21 @@ def test_continuous_values_are_log1p_cpm_over_the_train_std(cohort):
     )
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["rank-bins", "fixed-hvg-continuous", "tpm-hvg"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_test_case_counts_change_only_that_case_row(cohort, cfg, tmp_path):
+    """Leakage: a test case's values change its own row, nothing in the vocabulary or fit."""
     adata, splits = cohort
-    first = build_sequences(adata, splits, config=cfg)
+    positions = gene_positions(N_GENES)
+    first = build_sequences(adata, splits, config=cfg, positions=positions)
     changed = adata.copy()
     test_case = splits.loc[splits["split"] == "test", "case_id"].iloc[0]
     row = changed.obs_names.get_loc(test_case)
     rng = np.random.default_rng(99)
     new = rng.poisson(200, size=N_GENES).astype(np.float32)
-    for layer in ("counts", "tpm"):
-        changed.layers[layer][row] = new / (1 if layer == "counts" else new.sum() / 1e6)
+    for layer, divisor in (("counts", 1), ("tpm", new.sum() / 1e6), ("fpkm_uq", new.sum() / 3e6)):
+        changed.layers[layer][row] = new / divisor
     changed.X[row] = new
-    second = build_sequences(changed, splits, config=cfg)
+    second = build_sequences(changed, splits, config=cfg, positions=positions)
 
     write_sequences(first, sequences_path=tmp_path / "a.npz", vocab_path=tmp_path / "a.tsv")
     write_sequences(second, sequences_path=tmp_path / "b.npz", vocab_path=tmp_path / "b.tsv")
@@ -158,6 +178,31 @@ def test_test_case_counts_change_only_that_case_row(cohort, cfg, tmp_path):
         np.array_equal(first.token_ids[row], second.token_ids[row])
         and np.array_equal(first.values[row], second.values[row])
     )
+
+
+def test_genomic_sequences_follow_the_genome_and_carry_zero_values(cohort):
+    adata, splits = cohort
+    adata = adata.copy()
+    coding = adata.var["gene_type"].to_numpy() == "protein_coding"
+    means = np.where(coding, adata.layers["counts"].mean(axis=0), -1)
+    silent = np.argsort(-means)[:5]  # surely selected: the most expressed coding genes
+    row = adata.obs_names.get_loc(splits.loc[splits["split"] == "test", "case_id"].iloc[0])
+    adata.layers["counts"][row, silent] = 0
+    positions = gene_positions(N_GENES)
+    cfg = SequenceConfig(seq_len=24, order="genomic", min_fraction_expressed=0.2)
+    seqs = build_sequences(adata, splits, config=cfg, positions=positions)
+    gene_of = seqs.vocab.set_index("token_id")["gene_id"]
+    rank = {"chr1": 1, "chr2": 2, "chr10": 10, "chrX": 23}
+    for tokens in seqs.token_ids:
+        genes = gene_of.loc[tokens[1:]].tolist()
+        assert tokens[1:].tolist() == seqs.token_ids[0, 1:].tolist()  # one order for all cases
+        keys = [(rank[positions.loc[g, "chromosome"]], positions.loc[g, "start"]) for g in genes]
+        assert keys == sorted(keys)
+    assert (seqs.token_ids[:, 1:] >= 3).all()  # 23 genes fit: no padding
+    # The silenced genes keep their places in that case, with bin 0; others are binned >= 1.
+    zero = np.isin(gene_of.loc[seqs.token_ids[row, 1:]], adata.var_names[silent])
+    assert zero.sum() == 5
+    assert (seqs.values[row, 1:][zero] == 0).all() and (seqs.values[row, 1:][~zero] >= 1).all()
 
 
 def test_train_case_counts_do_change_the_fit(cohort):

@@ -8,6 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mgi.expression.gtf import genomic_order, read_gene_positions
+from mgi.expression.tokens import read_sequences
+
 from .conftest import make_workdir, run
 
 pytestmark = pytest.mark.slow
@@ -62,11 +65,24 @@ def test_second_run_has_nothing_to_do(finished_run: Path):
 
 
 def test_wsi_modality_tiles_slides_and_trains(tmp_path: Path, tiny_config: dict):
+    """Slides instead of MRI, and the other expression options: genomic order from the GTF."""
     tiny_config["imaging"]["modality"] = "wsi"
     tiny_config["splits"] = {"val_fraction": 0.25, "test_fraction": 0.25}
     tiny_config["synthetic"]["n_slides"] = 6
+    tiny_config["expression"].update(order="genomic", normalize="fpkm_uq", values="continuous")
     work = make_workdir(tmp_path, tiny_config)
     run(["snakemake", "--cores", "2"], work)
+
+    gtf = work / "data/tiny/raw/reference/gencode.annotation.gtf.gz"
+    log = (work / "logs/tiny/gene_sequences.log").read_text()
+    assert gtf.is_file() and "genes on" in log  # read_gene_positions logged its summary
+    seqs = read_sequences(work / "results/tiny/expression/sequences.npz",
+                          vocab_path=work / "results/tiny/expression/vocab.tsv")
+    assert seqs.attrs["config"]["order"] == "genomic"
+    assert (seqs.token_ids == seqs.token_ids[0]).all()  # one genomic order for every case
+    place = genomic_order(read_gene_positions(gtf))
+    genes = seqs.vocab.set_index("token_id").loc[seqs.token_ids[0, 1:], "gene_id"]
+    assert place.loc[genes].is_monotonic_increasing
     qc = pd.read_csv(work / "results/tiny/images/qc.tsv", sep="\t")
     assert len(qc) == 6 and (qc["status"] == "ok").all()
     assert (work / f"results/tiny/images/qc/{qc['image_id'][0]}.png").stat().st_size > 0

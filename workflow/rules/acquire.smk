@@ -2,7 +2,8 @@
 
 Either way the stage ends in the same files, which every later stage reads: manifest.tsv (GDC
 files in gdc-client columns), clinical.tsv, images.tsv (one row per image: id, case, modality,
-path, mask path) and the raw files under expression/, slides/, radiology/ and masks/.
+path, mask path), the raw files under expression/, slides/, radiology/ and masks/, and the
+GENCODE GTF under reference/.
 """
 
 if config["source"] == "synthetic":
@@ -19,6 +20,7 @@ if config["source"] == "synthetic":
             radiology=directory(raw("radiology")),
             slides=directory(raw("slides")),
             masks=directory(raw("masks")),
+            gtf=GENE_ANNOTATION,
         log:
             logs("synthesize.log"),
         conda:
@@ -79,6 +81,22 @@ else:
         shell:
             "mgi acquire gdc-download --settings {params.settings:q} "
             "--manifest {input.manifest} --raw-dir {params.raw_dir} > {log} 2>&1"
+
+    rule gene_annotation:
+        """The GENCODE GTF of the GDC reference files (gene positions for the genomic order)."""
+        output:
+            gtf=GENE_ANNOTATION,
+        log:
+            logs("gene_annotation.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=1000,
+        params:
+            settings=gtf_settings(),
+        shell:
+            "mgi acquire gtf --settings {params.settings:q} --out {output.gtf} > {log} 2>&1"
 
     checkpoint image_table:
         """The image table: MR series from TCIA (with masks) or the slides just downloaded."""

@@ -12,6 +12,8 @@ min_version("9.0")
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 COHORT = config["cohort"]
+# GENCODE GTF (gene positions): written by the demo, fetched from the GDC reference files
+GENE_ANNOTATION = f"data/{COHORT}/raw/reference/gencode.annotation.gtf.gz"
 MODALITY = config["imaging"]["modality"]
 ENV = "../../envs/mgi.yaml"
 # Variants train side by side: on a small machine one thread each beats two in turn.
@@ -102,6 +104,39 @@ def variant_inputs(wildcards):
 def pretrained_option(wildcards, input):
     """`--pretrained <checkpoint>` for variants that start from pre-training, else nothing."""
     return f"--pretrained {input.pretrained}" if "pretrained" in input.keys() else ""
+
+
+def sequence_inputs(wildcards):
+    """Inputs of the gene sequences: the GTF only for the genomic order, the gene list if set."""
+    inputs = {
+        "h5ad": results("expression/expression.h5ad"),
+        "splits": results("splits.tsv"),
+    }
+    if config["expression"]["order"] == "genomic":
+        inputs["gtf"] = GENE_ANNOTATION
+    if config["expression"].get("gene_list"):
+        inputs["gene_list"] = config["expression"]["gene_list"]
+    return inputs
+
+
+def gtf_option(wildcards, input):
+    """`--gtf <file>` when the sequences read gene positions, else nothing."""
+    return f"--gtf {input.gtf}" if "gtf" in input.keys() else ""
+
+
+def gtf_settings():
+    """The GDC keys the GTF download reads (so that other source keys do not refetch it)."""
+    gdc = config["sources"]["gdc"]
+    keys = ("api_url", "token_env", "gtf")
+    return json.dumps(
+        {"sources": {"gdc": {key: gdc[key] for key in keys}}}, sort_keys=True
+    )
+
+
+def value_layers():
+    """Value layers the expression matrix keeps besides the counts (TPM, and what normalize reads)."""
+    normalize = config["expression"]["normalize"]
+    return " ".join(["tpm"] + (["fpkm_uq"] if normalize == "fpkm_uq" else []))
 
 
 def folder_of(key, *, of="output"):

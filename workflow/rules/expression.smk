@@ -18,16 +18,18 @@ rule expression_matrix:
         mem_mb=4000,
     params:
         raw_dir=folder_of("manifest", of="input"),
+        layers=value_layers(),
+        duplicates=config["expression"]["duplicate_profiles"],
     shell:
         "mgi expression --manifest {input.manifest} --clinical {input.clinical} "
-        "--raw-dir {params.raw_dir} --out {output.h5ad} > {log} 2>&1"
+        "--raw-dir {params.raw_dir} --layers {params.layers} "
+        "--duplicates {params.duplicates} --out {output.h5ad} > {log} 2>&1"
 
 
 rule gene_sequences:
     """Ordered gene token sequences and their vocabulary, fitted on the training split."""
     input:
-        h5ad=results("expression/expression.h5ad"),
-        splits=results("splits.tsv"),
+        unpack(sequence_inputs),
     output:
         sequences=results("expression/sequences.npz"),
         vocab=results("expression/vocab.tsv"),
@@ -40,7 +42,8 @@ rule gene_sequences:
         mem_mb=4000,
     params:
         settings=settings("expression"),
+        gtf=gtf_option,
     shell:
         "mgi sequences --expression {input.h5ad} --splits {input.splits} "
-        "--settings {params.settings:q} --sequences {output.sequences} --vocab {output.vocab} "
-        "> {log} 2>&1"
+        "--settings {params.settings:q} {params.gtf} --sequences {output.sequences} "
+        "--vocab {output.vocab} > {log} 2>&1"

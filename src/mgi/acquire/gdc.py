@@ -322,7 +322,7 @@ class DownloadSummary:
 class _File:
     id: str
     md5: str
-    size: int
+    size: int | None  # None: not known in advance (a reference file); the md5 still decides
     target: Path
 
     @property
@@ -359,10 +359,10 @@ def _manifest_files(manifest: pd.DataFrame, raw_dir: Path) -> list[_File]:
         if not _MD5.match(md5):
             raise AcquireError(f"{where}: md5 {row.md5!r} is not 32 hex digits")
         try:
-            size = int(row.size)
+            size = None if row.size is None or row.size == "" else int(row.size)
         except (TypeError, ValueError) as err:
             raise AcquireError(f"{where}: size {row.size!r} is not a byte count") from err
-        if size < 0:
+        if size is not None and size < 0:
             raise AcquireError(f"{where}: size {size} is negative")
         target = safe_relative(raw_dir, str(row.path), what=where)
         files.append(_File(id=str(row.id), md5=md5, size=size, target=target))
@@ -395,11 +395,12 @@ def _fetch_once(
     """One attempt: resume or start `item.partial`, then check size and md5 (TransientError)."""
     partial = item.partial
     offset = partial.stat().st_size if partial.exists() else 0
-    if offset > item.size:
+    known = item.size is not None
+    if known and offset > item.size:
         partial.unlink()
         offset = 0
     report(offset, 0)
-    if offset < item.size or item.size == 0:
+    if not known or offset < item.size or item.size == 0:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         what = f"GDC file {item.id} ({url})"
         with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
@@ -426,9 +427,9 @@ def _fetch_once(
                     offset += len(chunk)
                     report(offset, len(chunk))
     size = partial.stat().st_size
-    if size < item.size:
+    if known and size < item.size:
         raise TransientError(f"file {item.id}: connection ended after {size} of {item.size} bytes")
-    if size > item.size:
+    if known and size > item.size:
         partial.unlink()
         report(0, 0)
         raise TransientError(f"file {item.id}: got {size} bytes, the manifest says {item.size}; "
@@ -454,8 +455,9 @@ def _download_one(
         counted = file_bytes
 
     if item.target.is_file():
-        if item.target.stat().st_size == item.size and _md5_of(item.target) == item.md5:
-            report(item.size, 0)
+        size = item.target.stat().st_size
+        if item.size in (None, size) and _md5_of(item.target) == item.md5:
+            report(size, 0)
             return "skipped", ""
         log.warning("file %s: %s has the wrong size or md5; deleted, downloading again",
                     item.id, item.target)
@@ -508,7 +510,7 @@ def download_files(
     raw_dir = Path(raw_dir)
     files = _manifest_files(manifest, raw_dir)
     summary = DownloadSummary()
-    progress = _Progress(sum(f.size for f in files))
+    progress = _Progress(sum(f.size or 0 for f in files))
     with SessionPerThread(token=token) as sessions, \
             ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         results = pool.map(

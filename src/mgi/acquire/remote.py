@@ -11,6 +11,8 @@ gdc-download every manifest file under the raw folder; expression/ and slides/ a
 images       images.tsv: for wsi one row per slide of the manifest that is on disk; for mri the
              cases' MR series from TCIA (one row per case with radiology) and their masks.
              Series that failed are listed in `image_failures.tsv` beside images.tsv.
+gtf          the GENCODE GTF among the GDC reference files (gene positions for the genomic
+             gene order), md5-checked like every other download.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from mgi.io import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("gdc-query", "gdc-download", "images")
+ACTIONS = ("gdc-query", "gdc-download", "images", "gtf")
 
 
 def run(action: str, args: argparse.Namespace) -> None:
     """Run one acquire action with the CLI's arguments (settings as a JSON string)."""
-    handlers = {"gdc-query": gdc_query, "gdc-download": gdc_download, "images": image_table}
+    handlers = {"gdc-query": gdc_query, "gdc-download": gdc_download, "images": image_table,
+                "gtf": gene_annotation}
     if action not in handlers:
         raise AcquireError(f"unknown acquire action {action!r}; expected one of {ACTIONS}")
     try:
@@ -139,6 +142,23 @@ def gdc_download(settings: dict, args: argparse.Namespace) -> None:
     if not present:
         raise AcquireError(f"{manifest_path}: none of its {len(expression)} expression file(s) "
                            f"could be downloaded to {raw_dir}; see {failures_path}")
+
+
+def gene_annotation(settings: dict, args: argparse.Namespace) -> None:
+    """Download the GTF named by sources.gdc.gtf (a GDC reference file) to --out."""
+    source = _section(settings, "sources", "gdc")
+    reference = _key(source, "gtf", "sources.gdc")
+    out = _arg(args, "out", "gtf")
+    row = {"id": _key(reference, "file_id", "sources.gdc.gtf"),
+           "md5": _key(reference, "md5", "sources.gdc.gtf"),
+           "size": reference.get("size"), "path": out.name}
+    summary = gdc.download_files(
+        pd.DataFrame([row]), out.parent, api_url=_key(source, "api_url", "sources.gdc"),
+        parallel=1, token=_token(source))
+    if summary.failed:
+        raise AcquireError(f"GDC reference file {row['id']} (GTF for the genomic gene order) "
+                           f"could not be downloaded to {out}: {summary.failed[0][1]}")
+    log.info("GTF %s -> %s (%s)", row["id"], out, summary.line())
 
 
 def image_table(settings: dict, args: argparse.Namespace) -> None:

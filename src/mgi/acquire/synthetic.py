@@ -38,6 +38,7 @@ Generator seeded by (seed, stream, index); UUIDs are built from those draws and 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import itertools
@@ -81,6 +82,7 @@ STAR_COLUMNS = [
 STAR_SUMMARY_ROWS = ["N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous"]
 MANIFEST_COLUMNS = [
     "id", "filename", "md5", "size", "state", "case_id", "data_type", "sample_type", "path",
+    "sample_barcode",
 ]
 SERIES_DESCRIPTIONS = ("T1 pre", "FLAIR", "T1 post")
 SUBTYPE_LOG2FC = 2.5
@@ -107,7 +109,13 @@ _GENE_TYPES = {  # biotype: (share, gene-name prefix)
 }
 _SMALL_RNA_TYPES = {"misc_RNA", "snRNA", "miRNA"}
 _CHROMOSOMES = [f"chr{i}" for i in range(1, 23)] + ["chrX", "chrY", "chrM"]
-_STREAMS = {"cases": 1, "ids": 2, "genes": 3, "expression": 4, "mri": 5, "slide": 6}
+_STREAMS = {"cases": 1, "ids": 2, "genes": 3, "expression": 4, "mri": 5, "slide": 6,
+            "positions": 7}
+GTF_PATH = "reference/gencode.annotation.gtf.gz"  # the workflow's GENE_ANNOTATION
+_GTF_HEADER = (
+    "##description: synthetic annotation of the mgi demo genes, modelled on GENCODE "
+    "version 36 (Ensembl 102)\n##provider: mgi.acquire.synthetic\n##format: gtf\n"
+)
 # per-sequence tissue level and texture weight; tumour contrast is a share of the tissue level
 _MR_TISSUE = {"T1 pre": (520.0, 0.07), "FLAIR": (430.0, 0.09), "T1 post": (560.0, 0.07)}
 _MR_CONTRAST = 0.30
@@ -206,7 +214,9 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         os.replace(staging, out_dir)
         return
-    if not (out_dir / "manifest.tsv").exists():
+    # Snakemake makes the parent folders of a rule's outputs (e.g. reference/) before the job.
+    only_empty_dirs = all(p.is_dir() for p in out_dir.rglob("*"))
+    if not (out_dir / "manifest.tsv").exists() and not only_empty_dirs:
         raise AcquireError(
             f"{out_dir}: folder is not empty and has no manifest.tsv; refusing to replace "
             "something that is not a cohort"
@@ -236,6 +246,25 @@ def _write_all(root: Path, config: SyntheticCohortConfig) -> None:
     planted = genes.loc[genes.program != "", ["gene_id", "gene_name", "program"]]
     planted = planted.sort_values(["program", "gene_name"], ascending=[False, True])
     write_tsv(planted, root / "synthetic_genes.tsv")
+    _write_gtf(root / GTF_PATH, genes, config)
+
+
+def _write_gtf(path: Path, genes: pd.DataFrame, config: SyntheticCohortConfig) -> None:
+    """A GENCODE-style GTF of the demo genes: a gene and a transcript record each, by position."""
+    rng = _rng(config, "positions")
+    start = rng.integers(10_000, 150_000_000, len(genes))
+    span = (genes["length"].to_numpy() * rng.uniform(2.0, 20.0, len(genes))).astype(int)
+    strand = rng.choice(["+", "-"], size=len(genes))
+    table = genes.assign(start=start, end=start + span, strand=strand)
+    table = table.assign(_rank=[_CHROMOSOMES.index(c) for c in table.chromosome])
+    lines = [_GTF_HEADER]
+    for g in table.sort_values(["_rank", "start"]).itertuples():
+        attrs = f'gene_id "{g.gene_id}"; gene_type "{g.gene_type}"; gene_name "{g.gene_name}";'
+        for feature, extra in (("gene", ""), ("transcript", f' transcript_id "{g.gene_id}-T1";')):
+            lines.append(f"{g.chromosome}\tMGI\t{feature}\t{g.start}\t{g.end}\t.\t{g.strand}"
+                         f"\t.\t{attrs}{extra} level 2;\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress("".join(lines).encode(), mtime=0))
 
 
 def _rng(config: SyntheticCohortConfig, stream: str, index: int = 0) -> np.random.Generator:
@@ -256,6 +285,7 @@ def _md5_row(root: Path, path: Path, file_id: str, case_id: str, data_type: str)
         "id": file_id, "filename": path.name, "md5": digest.hexdigest(),
         "size": path.stat().st_size, "state": "released", "case_id": case_id,
         "data_type": data_type, "sample_type": SAMPLE_TYPE,
+        "sample_barcode": f"{case_id}-01A",
         "path": path.relative_to(root).as_posix(),
     }
 

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from mgi.errors import ExpressionFileError, MgiError
+from mgi.acquire.gdc import EXPRESSION_DATA_TYPE, choose_primary_profiles
+from mgi.errors import ConfigError, ExpressionFileError, MgiError
+from mgi.expression.gtf import unversioned
 from mgi.expression.star import QC_ROWS, read_star_cohort
 from mgi.io import atomic_path, read_tsv
 
 log = logging.getLogger(__name__)
 
-EXPRESSION_DATA_TYPE = "Gene Expression Quantification"
-PRIMARY_TUMOR = "Primary Tumor"
 MANIFEST_COLUMNS = ["id", "filename", "case_id", "data_type", "sample_type", "path"]
 CLINICAL_COLUMNS = ["case_id", "project_id"]
 COUNTS_COLUMN = "unstranded"
-TPM_COLUMN = "tpm_unstranded"
-# GENCODE version suffix; PAR_Y copies (ENSG....N_PAR_Y) keep their suffix so ids stay unique.
-_VERSION = re.compile(r"\.\d+(?=(_PAR_Y)?$)")
+# layer name -> STAR column it holds (the counts are always read, into X and layers["counts"])
+VALUE_LAYERS = {"tpm": "tpm_unstranded", "fpkm": "fpkm_unstranded",
+                "fpkm_uq": "fpkm_uq_unstranded"}
+DUPLICATE_RULES = ("choose", "error")
 
 
 def _drop_failed_downloads(rows: pd.DataFrame, failures_path: Path) -> pd.DataFrame:
@@ -49,28 +50,36 @@ def build_expression(
     *,
     raw_dir: str | os.PathLike[str],
     clinical_path: str | os.PathLike[str] | None = None,
+    layers: Sequence[str] = ("tpm",),
+    duplicates: str = "choose",
 ) -> ad.AnnData:
     """Return one expression profile per case: obs = cases, var = genes, X = raw counts.
 
     Files are the manifest rows with data_type "Gene Expression Quantification"; their `path`
-    is relative to `raw_dir`. Where a case has several profiles, one is chosen by this rule:
+    is relative to `raw_dir`. A case with several profiles is refused with duplicates="error";
+    with "choose" the manifest's rule picks one (`mgi.acquire.gdc.choose_primary_profiles`,
+    the rule the GDC query applies: never a normal-tissue profile, a primary tumour before
+    other tumour samples, then the smallest sample barcode, then the smallest file id). Every
+    profile or case left out is logged as a warning.
 
-    1. keep the profiles whose sample_type is "Primary Tumor"; a case with several profiles and
-       none of them a primary tumour cannot be resolved (error);
-    2. among those, keep the one with the most reads assigned to genes (sum of the unstranded
-       counts over genes); a tie cannot be resolved (error).
-
-    A case with a single profile keeps it whatever its sample_type (the obs column says which).
-    obs (index case_id, sorted): case_id, file_id, file_name, sample_type, project_id,
-    n_profiles, total_counts and the STAR QC counts (n_unmapped, n_multimapping, n_no_feature,
-    n_ambiguous). var (index: gene id without version): gene_id_version, gene_name, gene_type.
-    X and layers["counts"]: unstranded counts (float32); layers["tpm"]: tpm_unstranded
-    (float32); uns["gene_model"]: the files' gene model (e.g. "GENCODE v36").
+    obs (index case_id, sorted): case_id, file_id, file_name, sample_barcode, sample_type,
+    project_id, n_profiles, total_counts and the STAR QC counts (n_unmapped, n_multimapping,
+    n_no_feature, n_ambiguous). var (index: gene id without version): gene_id_version,
+    gene_name, gene_type. X and layers["counts"]: unstranded counts (float32); one more
+    float32 layer per name in `layers` (tpm, fpkm, fpkm_uq: the STAR file's *_unstranded
+    column); uns["gene_model"]: the files' gene model (e.g. "GENCODE v36").
     """
     manifest_path = Path(manifest_path)
     raw_dir = Path(raw_dir)
+    unknown = [name for name in layers if name not in VALUE_LAYERS]
+    if unknown or duplicates not in DUPLICATE_RULES:
+        raise ConfigError(
+            f"build_expression: layers {list(layers)} / duplicates {duplicates!r}; expected "
+            f"layers from {list(VALUE_LAYERS)} and duplicates one of {list(DUPLICATE_RULES)}"
+        )
     rows = _expression_rows(manifest_path)
     rows = _drop_failed_downloads(rows, manifest_path.with_name("download_failures.tsv"))
+    rows = _one_profile_per_case(rows, manifest_path, duplicates=duplicates)
     paths = [raw_dir / p for p in rows["path"]]
     for path, file_id in zip(paths, rows["id"], strict=True):
         if not path.is_file():
@@ -79,41 +88,38 @@ def build_expression(
                 "expected every expression file of the manifest under the raw folder"
             )
 
-    genes, values, qc = read_star_cohort(paths, columns=(COUNTS_COLUMN, TPM_COLUMN))
-    counts, tpm = values[COUNTS_COLUMN], values[TPM_COLUMN]
-    rows = rows.assign(
-        total_counts=counts.sum(axis=1), row=np.arange(len(rows)), **{
-            col: qc[col].to_numpy() for col in QC_ROWS.values()
-        }
+    columns = {name: VALUE_LAYERS[name] for name in dict.fromkeys(layers)}
+    genes, values, qc = read_star_cohort(
+        paths, columns=(COUNTS_COLUMN, *columns.values()), dtype=np.float32
     )
-    chosen = _one_profile_per_case(rows, manifest_path)
-    keep = chosen["row"].to_numpy()
-
+    counts = values.pop(COUNTS_COLUMN)
     obs = pd.DataFrame(
         {
-            "case_id": chosen["case_id"].to_numpy(),
-            "file_id": chosen["id"].to_numpy(),
-            "file_name": chosen["filename"].to_numpy(),
-            "sample_type": chosen["sample_type"].to_numpy(),
-            "project_id": _project_ids(chosen, rows, clinical_path),
-            "n_profiles": chosen["n_profiles"].to_numpy(),
-            "total_counts": chosen["total_counts"].to_numpy(),
-            **{col: chosen[col].to_numpy() for col in QC_ROWS.values()},
+            "case_id": rows["case_id"].to_numpy(),
+            "file_id": rows["id"].to_numpy(),
+            "file_name": rows["filename"].to_numpy(),
+            "sample_barcode": rows["sample_barcode"].to_numpy(),
+            "sample_type": rows["sample_type"].to_numpy(),
+            "project_id": _project_ids(rows, clinical_path),
+            "n_profiles": rows["n_profiles"].to_numpy(),
+            "total_counts": counts.sum(axis=1, dtype=np.float64),
+            **{col: qc[col].to_numpy() for col in QC_ROWS.values()},
         },
-        index=pd.Index(chosen["case_id"].to_numpy(), name=None),
+        index=pd.Index(rows["case_id"].to_numpy(), name=None),
     )
-    var = _var_table(genes, paths[0])
-    x_counts = counts[keep].astype(np.float32)
     adata = ad.AnnData(
-        X=x_counts,
+        X=counts,
         obs=obs,
-        var=var,
-        layers={"counts": x_counts.copy(), "tpm": tpm[keep].astype(np.float32)},
+        var=_var_table(genes, paths[0]),
+        layers={
+            "counts": counts.copy(),
+            **{name: values.pop(column) for name, column in columns.items()},
+        },
     )
     adata.uns["gene_model"] = genes.attrs["gene_model"]
     log.info(
-        "%d cases x %d genes from %d files (%s)",
-        adata.n_obs, adata.n_vars, len(rows), adata.uns["gene_model"],
+        "%d cases x %d genes (%s), layers %s",
+        adata.n_obs, adata.n_vars, adata.uns["gene_model"], list(adata.layers),
     )
     return adata
 
@@ -154,32 +160,31 @@ def _expression_rows(manifest_path: Path) -> pd.DataFrame:
     return rows
 
 
-def _one_profile_per_case(rows: pd.DataFrame, manifest_path: Path) -> pd.DataFrame:
-    """One row per case (sorted by case_id), chosen by the rule in build_expression's docstring."""
-    chosen = []
-    for case_id, group in rows.groupby("case_id", sort=True):
-        n_profiles = len(group)
-        if n_profiles > 1:
-            group = group[group["sample_type"] == PRIMARY_TUMOR]
-            if group.empty:
-                raise ExpressionFileError(
-                    f"{manifest_path}: case {case_id} has {n_profiles} expression profiles "
-                    f"({_describe(rows[rows['case_id'] == case_id])}) and none is a "
-                    f"{PRIMARY_TUMOR!r}; cannot choose one"
-                )
-            top = group["total_counts"].max()
-            group = group[group["total_counts"] == top]
-            if len(group) > 1:
-                raise ExpressionFileError(
-                    f"{manifest_path}: case {case_id} has {len(group)} {PRIMARY_TUMOR!r} "
-                    f"profiles with the same number of gene-assigned reads ({top}): "
-                    f"{_describe(group)}; cannot choose one"
-                )
-            log.info(
-                "case %s: %d profiles, kept %s", case_id, n_profiles, group["path"].iloc[0]
-            )
-        chosen.append(group.assign(n_profiles=n_profiles))
-    return pd.concat(chosen, ignore_index=True)
+def _one_profile_per_case(
+    rows: pd.DataFrame, manifest_path: Path, *, duplicates: str
+) -> pd.DataFrame:
+    """One row per case (sorted by case_id) with its n_profiles; see build_expression."""
+    rows = rows.assign(n_profiles=rows.groupby("case_id")["id"].transform("size"))
+    if "sample_barcode" not in rows.columns:
+        rows = rows.assign(sample_barcode="")
+    several = rows[rows["n_profiles"] > 1]
+    if duplicates == "error" and not several.empty:
+        case_id = sorted(several["case_id"])[0]
+        group = several[several["case_id"] == case_id]
+        raise ExpressionFileError(
+            f"{manifest_path}: case {case_id} has {len(group)} expression profiles "
+            f"({_describe(group)}) and expression.duplicate_profiles is 'error'; expected one "
+            f"per case ({several['case_id'].nunique()} case(s) have several)"
+        )
+    chosen = choose_primary_profiles(rows)
+    for row in rows[~rows["id"].isin(chosen["id"])].itertuples():
+        log.warning("case %s: expression file %s (%s, sample %s) left out by the one-profile-"
+                    "per-case rule", row.case_id, row.path, row.sample_type, row.sample_barcode)
+    lost = sorted(set(rows["case_id"]) - set(chosen["case_id"]))
+    if lost:
+        log.warning("%d case(s) have only normal-tissue expression profiles and are left out: "
+                    "%s", len(lost), lost[:10])
+    return chosen.sort_values("case_id", ignore_index=True)
 
 
 def _describe(rows: pd.DataFrame) -> str:
@@ -189,11 +194,11 @@ def _describe(rows: pd.DataFrame) -> str:
 
 
 def _project_ids(
-    chosen: pd.DataFrame, rows: pd.DataFrame, clinical_path: str | os.PathLike[str] | None
+    chosen: pd.DataFrame, clinical_path: str | os.PathLike[str] | None
 ) -> np.ndarray:
     """project_id per chosen case: from the clinical table if given, else the manifest, else ''."""
     if clinical_path is None:
-        if "project_id" in rows.columns:
+        if "project_id" in chosen.columns:
             return chosen["project_id"].to_numpy()
         return np.full(len(chosen), "", dtype=object)
     try:
@@ -217,7 +222,7 @@ def _project_ids(
 
 
 def _var_table(genes: pd.DataFrame, first_path: Path) -> pd.DataFrame:
-    stable = genes["gene_id"].str.replace(_VERSION, "", regex=True)
+    stable = unversioned(genes["gene_id"])
     repeated = stable[stable.duplicated()]
     if not repeated.empty:
         raise ExpressionFileError(

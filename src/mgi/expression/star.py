@@ -90,47 +90,57 @@ def read_star_cohort(
     *,
     columns: Sequence[str] = DEFAULT_COLUMNS,
     max_workers: int | None = None,
+    dtype: np.dtype | type | None = None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:
     """Return (genes, {column: (n_files, n_genes) matrix}, per-file QC table) for many files.
 
     Rows of every matrix and of the QC table (index: path as given) follow the order of `paths`.
-    All files must share one gene model and the same gene ids in the same order.
+    All files must share one gene model and the same gene ids in the same order. Matrices are
+    int64 (counts) or float64 unless `dtype` is given. Memory stays near the size of the
+    matrices: each file's values are written into them as soon as it is parsed, and only the
+    first file's gene table is kept.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise ExpressionFileError("read_star_cohort: no files given, expected at least one")
     columns = tuple(columns)
     workers = max_workers or min(8, _usable_cpus())
-
-    def parse(index: int) -> _Parsed:
-        # Gene ids are checked unique in the first file; the others must equal its ids.
-        return _parse(paths[index], columns, use_threads=False, check_unique=index == 0)
-
-    # Files are parsed one per thread (pyarrow releases the GIL); within a file, single-threaded.
-    # map() yields in input order, so the first bad file in `paths` is the one reported.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        parsed = list(pool.map(parse, range(len(paths))))
-
-    first = parsed[0]
+    first = _parse(paths[0], columns, use_threads=True, check_unique=True)
     first_ids = first.genes.column("gene_id")
-    for other in parsed[1:]:
-        if other.gene_model != first.gene_model:
+    matrices = {
+        c: np.empty((len(paths), len(first_ids)), dtype=dtype or first.values[c].dtype)
+        for c in columns
+    }
+    qc_rows: list[dict[str, int]] = [{} for _ in paths]
+
+    def store(index: int, parsed: _Parsed) -> None:
+        if parsed.gene_model != first.gene_model:
             raise ExpressionFileError(
-                f"{other.path}: gene model {other.gene_model!r} differs from "
+                f"{parsed.path}: gene model {parsed.gene_model!r} differs from "
                 f"{first.gene_model!r} of {first.path}; expected one gene model per cohort"
             )
-        other_ids = other.genes.column("gene_id")
-        if not other_ids.equals(first_ids):
+        ids = parsed.genes.column("gene_id")
+        if not ids.equals(first_ids):
             raise ExpressionFileError(
-                f"{other.path}: gene ids differ from {first.path} "
-                f"({_first_difference(first_ids, other_ids)}); expected the same genes in the "
+                f"{parsed.path}: gene ids differ from {first.path} "
+                f"({_first_difference(first_ids, ids)}); expected the same genes in the "
                 "same order in every file"
             )
+        for c in columns:
+            matrices[c][index] = parsed.values[c]
+        qc_rows[index] = parsed.qc
 
-    matrices = {c: np.stack([p.values[c] for p in parsed]) for c in columns}
-    qc = pd.DataFrame(
-        [p.qc for p in parsed], index=pd.Index([str(p.path) for p in parsed], name="path")
-    )
+    def parse_and_store(index: int) -> None:
+        store(index, _parse(paths[index], columns, use_threads=False, check_unique=False))
+
+    store(0, first)
+    # Files are parsed one per thread (pyarrow releases the GIL); within a file, single-threaded.
+    # map() re-raises in input order, so the first bad file in `paths` is the one reported.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(parse_and_store, range(1, len(paths))):
+            pass
+
+    qc = pd.DataFrame(qc_rows, index=pd.Index([str(p) for p in paths], name="path"))
     genes = first.genes.to_pandas()
     genes.attrs["gene_model"] = first.gene_model
     return genes, matrices, qc

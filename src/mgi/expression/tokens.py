@@ -99,11 +99,18 @@ def build_vocab(genes: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_sequences(
-    adata: ad.AnnData, splits: pd.DataFrame, *, config: SequenceConfig | None = None
+    adata: ad.AnnData,
+    splits: pd.DataFrame,
+    *,
+    config: SequenceConfig | None = None,
+    positions: pd.DataFrame | None = None,
+    gene_list: list[str] | None = None,
 ) -> GeneSequences:
     """Return the gene sequences of the cases in `splits`, fitted on its train cases only.
 
     Cases of `adata` not in `splits` are left out; rows follow the order of `adata.obs`.
+    `positions` (gene positions from the GTF) is needed by order "genomic"; `gene_list`
+    restricts the genes (see GeneOrder.fit).
     """
     config = config or SequenceConfig()
     if not adata.obs_names.is_unique:
@@ -117,7 +124,7 @@ def build_sequences(
         raise ExpressionFileError("splits: no case of the expression matrix is in 'train'")
     train = cases[is_train]
 
-    order = GeneOrder(config).fit(train)
+    order = GeneOrder(config).fit(train, positions=positions, gene_list=gene_list)
     linear, logged = order.expression(cases)
     encoder = ValueEncoder(config).fit(logged[is_train])
     gene_values = encoder.transform(logged)
