@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint dvc-repro clean
+.PHONY: demo test lint bench dvc-repro clean
 
 $(VENV)/.installed: pyproject.toml envs/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.installed-test: $(VENV)/.installed envs/requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r envs/requirements-test.txt
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed envs/requirements-bench.txt
+	$(BIN)/python -m pip install --quiet -r envs/requirements-bench.txt
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/snakemake --cores all
 
@@ -29,6 +33,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
+
+# every benchmark, each printing its JSON line last (several minutes; torchstain for stain/tiling)
+bench: $(VENV)/.installed-bench
+	for script in benchmarks/*.py; do $(BIN)/python $$script | tail -n 1; done
 
 dvc-repro: $(VENV)/.installed
 	$(BIN)/dvc repro

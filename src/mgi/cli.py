@@ -87,8 +87,17 @@ def _image(args: argparse.Namespace) -> None:
         bank_path=Path(args.bank),
         qc_path=Path(args.qc),
         thumbnail_path=Path(args.thumbnail) if args.thumbnail else None,
+        stain_reference=Path(args.stain_reference) if args.stain_reference else None,
+        threads=args.threads,
     )
     log.info("image %s: %s %s", args.image_id, row["status"], row.get("reason", ""))
+
+
+def _stain_reference(args: argparse.Namespace) -> None:
+    from mgi.imaging.run import fit_stain_reference
+
+    fit_stain_reference(images_table=Path(args.images), raw_dir=Path(args.raw_dir),
+                        settings=_settings(args.settings), out_path=Path(args.out))
 
 
 def _qc_merge(args: argparse.Namespace) -> None:
@@ -231,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", required=True)
     p.add_argument("--qc", required=True)
     p.add_argument("--thumbnail")
+    p.add_argument("--stain-reference", help="fitted stain normaliser (JSON) for slides")
+    p.add_argument("--threads", type=int, default=1, help="slide reads at once")
+
+    p = command("stain-reference", _stain_reference, "fit the cohort's stain normaliser")
+    p.add_argument("--images", required=True, help="the image table (images.tsv)")
+    p.add_argument("--raw-dir", required=True)
+    p.add_argument("--settings", required=True)
+    p.add_argument("--out", required=True)
 
     p = command("qc-merge", _qc_merge, "merge per-image QC rows into one table")
     p.add_argument("rows", nargs="+")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from skimage.color import rgb2lab
 
 from mgi.errors import ConfigError
 from mgi.imaging.bank import read_bank
@@ -36,6 +38,7 @@ def test_real_aperio_slide_gives_tissue_tiles(sample_file, tmp_path):
     assert bank.images.shape == (16, 3, 128, 128) and bank.images.dtype == np.uint8
     assert bank.masks is None
     assert bank.attrs["n_tissue_tiles"] > 16 and bank.attrs["vendor"] == "aperio"
+    assert bank.attrs["source"] == str(slide)
     # every kept tile is mostly tissue by the same detector, on its own pixels
     for tile in bank.images:
         assert tissue_mask(tile.transpose(1, 2, 0)).mean() > 0.3
@@ -147,3 +150,86 @@ def test_invalid_options_raise_config_error(slide_factory, tmp_path):
     slide = slide_factory()
     with pytest.raises(ConfigError, match="tissue_min"):
         _tile(slide.path, tmp_path, tissue_min=1.5)
+
+
+# --- block reads, stain normalisation, the cohort reference --------------------------------------
+
+
+def test_block_reads_equal_one_read_region_per_tile(sample_file):
+    import openslide
+
+    from mgi.imaging.slides import plan_tiles, read_tiles
+
+    path = sample_file("wsi/CMU-1-Small-Region.svs")
+    with openslide.OpenSlide(path) as slide:
+        plan = plan_tiles(slide, slide_path=path, tile_px=96, mpp=0.5, mpp_fallback=None)
+        cells = np.flatnonzero(plan.fractions.ravel() >= 0.5)
+        cells = np.r_[cells[:40], cells[-3:]]  # dense runs and a few strays
+        tiles = read_tiles(slide, plan, cells, tile_px=96, threads=2)
+        for cell, tile in zip(cells, tiles, strict=True):
+            x, y = plan.origin(cell)
+            one = np.asarray(slide.read_region((x, y), plan.level, (96, 96)).convert("RGB"))
+            np.testing.assert_array_equal(tile, one.transpose(2, 0, 1))
+    # the physical size of a tile is tile_px at the target mpp
+    assert plan.read_px * plan.level_downsample * plan.mpp_slide == pytest.approx(96 * 0.5,
+                                                                                  rel=0.01)
+
+
+def test_real_slide_tile_count_is_the_tissue_cells(sample_file, tmp_path):
+    slide = sample_file("wsi/CMU-1-Small-Region.svs")
+    row, bank, _ = _tile(slide, tmp_path, tile_px=224, max_tiles=None, tissue_min=0.5)
+    # CMU-1-Small-Region is 2220 x 2967 at 0.499 um/px: a 9 x 13 grid of 224-px tiles
+    assert bank.attrs["n_tissue_tiles"] == row["n_items"] == len(bank)
+    assert 20 < len(bank) < 9 * 13
+    assert bank.attrs["tile_size_level0"] * bank.attrs["mpp_slide"] == pytest.approx(
+        224 * 0.5, rel=0.01)
+
+
+def test_dicom_wsi_opens_with_its_resolution_and_fails_clearly_without_tissue(
+    sample_file, tmp_path
+):
+    slide = sample_file("wsi/highdicom_sm_image.dcm")
+    row, bank, png = _tile(slide, tmp_path, tile_px=16, tissue_min=0.0)
+    # a 50 x 50 px format fixture at 0.499 um/px, nearly white: read, resolved, refused
+    assert row["mpp"] == pytest.approx(0.499)
+    assert row["status"] == "failed" and "no tissue" in row["reason"]
+    assert not bank.ok and png.is_file()
+
+
+def test_tiles_are_stain_normalised_and_the_bank_says_how(slide_factory, tmp_path):
+    from mgi.imaging.stain import MacenkoNormaliser
+
+    slide = slide_factory()
+    _, plain, _ = _tile(slide.path, tmp_path / "plain", mpp=1.0, tile_px=32)
+    reference = plain.images[:4].copy()
+    reference[:, 0] = (reference[:, 0] * 0.8).astype(np.uint8)  # a bluer reference
+    norm = MacenkoNormaliser().fit(reference)
+    row, bank, _ = _tile(slide.path, tmp_path / "norm", mpp=1.0, tile_px=32, normaliser=norm)
+    assert row["status"] == "ok" and len(bank) == len(plain)
+    np.testing.assert_array_equal(bank.coords, plain.coords)
+    assert json.loads(bank.attrs["stain_normalisation"])["method"] == "macenko"
+    assert plain.attrs["stain_normalisation"] == "none"
+    changed = ~np.all(bank.images == plain.images, axis=(1, 2, 3))
+    skipped = bank.attrs["stain_skipped_tiles"]
+    assert changed.sum() == len(bank) - skipped and changed.sum() > 0
+    assert bank.images[changed][:, 0].mean() < plain.images[changed][:, 0].mean()
+
+
+def test_cohort_reference_samples_tissue_tiles_or_uses_the_given_tile(slide_factory, tmp_path):
+    from mgi.imaging.reference import fit_reference
+    from mgi.imaging.stain import load_normaliser
+
+    slides = [slide_factory().path]
+    out = tmp_path / "ref.json"
+    fit_reference(method="macenko", out_path=out, slide_paths=[*slides, tmp_path / "gone.svs"],
+                  tiles_per_slide=8, tile_px=32, mpp=1.0, tissue_min=0.5)
+    saved = json.loads(out.read_text())
+    assert saved["reference_tiles"] == 8 and saved["reference_slides"] == [str(slides[0])]
+    assert load_normaliser(out).stain_matrix_.shape == (3, 2)
+    tile = tmp_path / "tile.png"
+    Image.fromarray(np.full((32, 32, 3), (180, 90, 160), dtype=np.uint8)).save(tile)
+    fit_reference(method="reinhard", out_path=out, reference_tile=tile)
+    saved = json.loads(out.read_text())
+    assert saved["reference_tile"] == str(tile)
+    assert saved["mean"] == pytest.approx(rgb2lab(np.array([[[180, 90, 160]]]) / 255)[0, 0],
+                                          abs=0.05)

@@ -10,6 +10,7 @@ import pytest
 
 from mgi.expression.gtf import genomic_order, read_gene_positions
 from mgi.expression.tokens import read_sequences
+from mgi.imaging.bank import read_bank
 
 from .conftest import make_workdir, run
 
@@ -86,5 +87,11 @@ def test_wsi_modality_tiles_slides_and_trains(tmp_path: Path, tiny_config: dict)
     qc = pd.read_csv(work / "results/tiny/images/qc.tsv", sep="\t")
     assert len(qc) == 6 and (qc["status"] == "ok").all()
     assert (work / f"results/tiny/images/qc/{qc['image_id'][0]}.png").stat().st_size > 0
+    # tiles are Macenko-normalised (the default) against one reference fitted for the cohort
+    reference = json.loads((work / "results/tiny/images/stain_reference.json").read_text())
+    assert reference["method"] == "macenko" and len(reference["reference_slides"]) == 6
+    bank = read_bank(work / f"results/tiny/images/{qc['image_id'][0]}.h5")
+    assert json.loads(bank.attrs["stain_normalisation"])["stain_matrix"] == reference[
+        "stain_matrix"]
     metrics = json.loads((work / "results/tiny/report/metrics.json").read_text())
     assert set(metrics["segmentation"]) == {"mgi", "mgi_image_only"}

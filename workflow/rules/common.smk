@@ -14,6 +14,8 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 COHORT = config["cohort"]
 # GENCODE GTF (gene positions): written by the demo, fetched from the GDC reference files
 GENE_ANNOTATION = f"data/{COHORT}/raw/reference/gencode.annotation.gtf.gz"
+STAIN_METHOD = config["imaging"]["wsi"]["stain"]["method"]
+STAIN_REFERENCE = f"results/{COHORT}/images/stain_reference.json"
 MODALITY = config["imaging"]["modality"]
 ENV = "../../envs/mgi.yaml"
 # Variants train side by side: on a small machine one thread each beats two in turn.
@@ -86,7 +88,25 @@ def image_inputs(wildcards):
     inputs = {"image": raw(row["path"]), "table": raw("images.tsv")}
     if row.get("mask_path"):
         inputs["mask"] = raw(row["mask_path"])
+    if row["modality"] == "wsi" and STAIN_METHOD != "none":
+        inputs["stain"] = STAIN_REFERENCE
     return inputs
+
+
+def slide_files(wildcards):
+    """Inputs of the stain reference: the image table, its slides, the reference tile if set."""
+    inputs = {"table": raw("images.tsv")}
+    slides = [row["path"] for row in image_table() if row["modality"] == "wsi"]
+    inputs["slides"] = [raw(path) for path in slides]
+    tile = config["imaging"]["wsi"]["stain"].get("reference_tile")
+    if tile:
+        inputs["reference_tile"] = tile
+    return inputs
+
+
+def stain_option(wildcards, input):
+    """`--stain-reference <json>` when slides are stain-normalised, else nothing."""
+    return f"--stain-reference {input.stain}" if "stain" in input.keys() else ""
 
 
 def variant_inputs(wildcards):

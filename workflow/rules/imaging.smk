@@ -30,6 +30,26 @@ if MODALITY == "mri":
 
 else:
 
+    rule stain_reference:
+        """The cohort's stain normaliser, fitted once (a reference tile or sampled tissue tiles)."""
+        input:
+            unpack(slide_files),
+        output:
+            reference=STAIN_REFERENCE,
+        log:
+            logs("stain_reference.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+        params:
+            settings=settings("imaging", "seed"),
+            raw_dir=folder_of("table", of="input"),
+        shell:
+            "mgi stain-reference --images {input.table} --raw-dir {params.raw_dir} "
+            "--settings {params.settings:q} --out {output.reference} > {log} 2>&1"
+
     rule tile_slide:
         """Tissue tiles of one slide at the configured resolution, with a QC thumbnail."""
         input:
@@ -42,16 +62,19 @@ else:
             logs("tile_slide/{image_id}.log"),
         conda:
             ENV
+        # slide reads at once; raise it per rule where cores are plenty (--set-threads)
         threads: 1
         resources:
             mem_mb=4000,
         params:
             settings=settings("imaging", "seed"),
             raw_dir=folder_of("table", of="input"),
+            stain=stain_option,
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "
-            "--raw-dir {params.raw_dir} --settings {params.settings:q} "
-            "--bank {output.bank} --qc {output.qc} --thumbnail {output.thumbnail} > {log} 2>&1"
+            "--raw-dir {params.raw_dir} --settings {params.settings:q} {params.stain} "
+            "--threads {threads} --bank {output.bank} --qc {output.qc} "
+            "--thumbnail {output.thumbnail} > {log} 2>&1"
 
 
 rule image_qc:

@@ -732,7 +732,7 @@ def _stamp_nuclei(rng: np.random.Generator, rgb: np.ndarray, tissue: np.ndarray,
         flat[(rows * size + cols).ravel()] = values.reshape(-1, 3)
 
 
-def _render_slide(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_slide(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Level-0 RGB of a synthetic H&E slide and its tumour mask at downsample 16."""
     tissue, tumour = _slide_fields(rng, size // 16)
     tissue_mid, tumour_mid = _resize(tissue, size // 4), _resize(tumour, size // 4)
@@ -756,7 +756,7 @@ def _aperio_description(level0: tuple[int, int], level: tuple[int, int], name: s
             f"|Filename = {name}")
 
 
-def _write_svs(path: Path, rgb: np.ndarray, name: str) -> None:
+def write_svs(path: Path, rgb: np.ndarray, name: str) -> None:
     """Tiled JPEG pyramid (downsample 1, 4, 16) that OpenSlide reads as vendor 'aperio'."""
     levels = [rgb]
     for previous, current in itertools.pairwise(SLIDE_DOWNSAMPLES):
@@ -773,11 +773,11 @@ def _write_svs(path: Path, rgb: np.ndarray, name: str) -> None:
 
 
 def _write_slide(root: Path, case: _Case, config: SyntheticCohortConfig) -> tuple[dict, dict]:
-    rgb, mask = _render_slide(_rng(config, "slide", case.index), config.slide_px)
+    rgb, mask = render_slide(_rng(config, "slide", case.index), config.slide_px)
     file_id = case.slide_file_id
     stem = f"{case.case_id}-01Z-00-DX1"
     path = root / "slides" / file_id / f"{stem}.{file_id.upper()}.svs"
-    _write_svs(path, rgb, stem)
+    write_svs(path, rgb, stem)
     mask_path = root / "masks" / "slides" / f"{file_id}_mask.tif"
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(mask_path, mask, photometric="minisblack", metadata=None)

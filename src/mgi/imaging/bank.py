@@ -14,8 +14,10 @@ items decompresses only what it uses. A failed bank holds empty datasets and sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,70 @@ def write_bank(
             handle.attrs[key] = value
         handle.attrs["n_items"] = n_items
     return path
+
+
+class BankWriter:
+    """Fill an image bank a batch at a time (see `bank_writer`), so a slide never sits in memory."""
+
+    def __init__(self, handle: h5py.File, path: Path, n_items: int) -> None:
+        self._handle, self._path, self.n_items = handle, path, n_items
+        self.attrs: dict[str, Any] = {}
+        self.written = np.zeros(n_items, dtype=bool)
+
+    def write(self, start: int, *, images: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """Store items start .. start + len(images) (and their masks)."""
+        stop = start + len(images)
+        if start < 0 or stop > self.n_items:
+            raise BankError(f"{self._path}: items {start}..{stop} outside 0..{self.n_items}")
+        self._handle["images"][start:stop] = images
+        if masks is not None:
+            if "masks" not in self._handle:
+                raise BankError(f"{self._path}: masks given, but the bank was opened without")
+            if masks.size and masks.max() > 1:
+                raise BankError(f"{self._path}: masks must hold 0/1, found max {masks.max()}")
+            self._handle["masks"][start:stop] = masks
+        self.written[start:stop] = True
+
+
+@contextlib.contextmanager
+def bank_writer(
+    path: str | os.PathLike[str],
+    *,
+    n_items: int,
+    item_shape: tuple[int, int, int],
+    modality: str,
+    coords: np.ndarray,
+    with_masks: bool = False,
+) -> Iterator[BankWriter]:
+    """Yield a writer of an `n_items` bank; the file appears at `path` only if all went well.
+
+    Set `writer.attrs` (image_id, case_id, modality, ... as for write_bank) before the block
+    ends; every item must have been written.
+    """
+    path = Path(path)
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[0] != n_items:
+        raise BankError(f"{path}: coords must be (N={n_items}, k), got shape {coords.shape}")
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
+        shape = (n_items, *item_shape)
+        chunked = {"chunks": (1, *item_shape), "compression": "lzf"} if n_items else {}
+        handle.create_dataset("images", shape=shape, dtype=IMAGE_DTYPES[modality], **chunked)
+        if with_masks:
+            mask_chunks = {"chunks": (1, *item_shape[1:]), "compression": "lzf"} if n_items else {}
+            handle.create_dataset("masks", shape=(n_items, *item_shape[1:]), dtype=np.uint8,
+                                  **mask_chunks)
+        _create(handle, "coords", coords)
+        writer = BankWriter(handle, path, n_items)
+        yield writer
+        if not writer.written.all():
+            raise BankError(f"{path}: {int((~writer.written).sum())} item(s) never written")
+        attrs = {"status": "ok", "reason": "", "modality": modality, **writer.attrs}
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise BankError(f"{path}: attrs missing {missing}")
+        for key, value in attrs.items():
+            handle.attrs[key] = _attr_value(key, value)
+        handle.attrs["n_items"] = n_items
 
 
 def write_failed_bank(

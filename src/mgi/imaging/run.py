@@ -23,6 +23,26 @@ def image_table_row(images_table: Path, image_id: str) -> dict[str, str]:
     return rows.iloc[0].to_dict()
 
 
+def fit_stain_reference(
+    *, images_table: Path, raw_dir: Path, settings: dict, out_path: Path
+) -> None:
+    """Fit the cohort's stain reference (imaging.wsi.stain) from the slides of the image table."""
+    from mgi.imaging.reference import fit_reference
+
+    wsi = settings["imaging"]["wsi"]
+    stain = wsi["stain"]
+    table = read_tsv(images_table, required=IMAGE_TABLE_COLUMNS)
+    slides = [raw_dir / p for p in table.loc[table["modality"] == "wsi", "path"]]
+    tile = stain.get("reference_tile")
+    fit_reference(
+        method=stain["method"], out_path=out_path,
+        reference_tile=Path(tile) if tile else None, slide_paths=slides,
+        tiles_per_slide=stain["tiles_per_slide"], max_slides=stain["max_slides"],
+        tile_px=wsi["tile_px"], mpp=wsi["mpp"], mpp_fallback=wsi["mpp_fallback"],
+        tissue_min=wsi["tissue_min"], seed=settings.get("seed", 0),
+    )
+
+
 def process_image(
     *,
     images_table: Path,
@@ -32,6 +52,8 @@ def process_image(
     bank_path: Path,
     qc_path: Path,
     thumbnail_path: Path | None = None,
+    stain_reference: Path | None = None,
+    threads: int = 1,
 ) -> dict:
     """Write the bank and QC row of one image; a bad image gives a failed row, not an exception."""
     from mgi.imaging.qc import write_qc_row
@@ -61,10 +83,16 @@ def process_image(
         )
     else:
         from mgi.imaging.slides import tile_slide
+        from mgi.imaging.stain import load_normaliser
 
         wsi = imaging["wsi"]
         if thumbnail_path is None:
             raise BankError(f"image {image_id}: a slide needs a QC thumbnail path (--thumbnail)")
+        method = wsi["stain"]["method"]
+        if method != "none" and stain_reference is None:
+            raise BankError(f"image {image_id}: imaging.wsi.stain.method is {method!r}; the "
+                            "fitted reference is needed (--stain-reference)")
+        normaliser = load_normaliser(stain_reference) if method != "none" else None
         qc = tile_slide(
             image_id=image_id,
             case_id=row["case_id"],
@@ -78,6 +106,8 @@ def process_image(
             tissue_min=wsi["tissue_min"],
             max_tiles=wsi["max_tiles"],
             seed=settings.get("seed", 0),
+            normaliser=normaliser,
+            threads=threads,
         )
     write_qc_row(qc, qc_path)
     return qc

@@ -2,27 +2,33 @@
 
 OpenSlide reads the slide (SVS and the other formats it knows). Tissue is found on a low-resolution
 thumbnail, so background is never read at full resolution; tiles are read from the pyramid level
-nearest the target resolution (at or finer than it) and resized to `tile_px`.
+nearest the target resolution (at or finer than it) in blocks of several tiles, resized to
+`tile_px`, stain-normalised in batches (mgi.imaging.stain) and streamed into the bank.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openslide
 import tifffile
+import torch
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from mgi.errors import ConfigError, SlideError
-from mgi.imaging.bank import write_bank, write_failed_bank
+from mgi.imaging.bank import bank_writer, write_failed_bank
+from mgi.imaging.stain import Normaliser
 from mgi.imaging.tissue import tissue_mask
 from mgi.io import atomic_path
 
@@ -35,6 +41,8 @@ THUMBNAIL_MAX_PX = 4096
 THUMBNAIL_TILE_PX = 8
 QC_MAX_PX = 1024  # long side of the QC PNG
 LEVEL_TOLERANCE = 1e-2  # a level this close (relatively) to the target downsample counts as it
+READ_BLOCK_PX = 2048  # side, in level pixels, of the regions tiles are read in
+WRITE_BATCH_TILES = 64  # tiles read, normalised and written at a time (bounds the memory)
 
 
 def slide_mpp(
@@ -62,7 +70,8 @@ def slide_mpp(
                      "and no mpp_fallback configured")
 
 
-def _open_slide(path: Path) -> openslide.OpenSlide:
+def open_slide(path: Path) -> openslide.OpenSlide:
+    """The slide at `path`, or a SlideError saying why OpenSlide cannot open it."""
     if not path.is_file():
         raise SlideError(f"{path}: slide file not found")
     try:
@@ -130,12 +139,6 @@ def _tissue_fractions(
     return sums / ((y1 - y0)[:, None] * (x1 - x0)[None, :])
 
 
-def _rgb(region: Image.Image) -> Image.Image:
-    """Composite an OpenSlide RGBA region on white (transparent = outside the scanned area)."""
-    background = Image.new("RGBA", region.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, region).convert("RGB")
-
-
 def _save_png(image: Image.Image, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         image.save(tmp, format="PNG")
@@ -194,15 +197,36 @@ def _check_options(tile_px: int, mpp: float, tissue_min: float, max_tiles: int |
         raise ConfigError(f"max_tiles must be at least 1 (or None for all), got {max_tiles}")
 
 
-def _tile(
-    slide: openslide.OpenSlide, *, image_id: str, slide_path: Path, mask_path: Path | None,
-    tile_px: int, mpp: float, mpp_fallback: float | None, tissue_min: float,
-    max_tiles: int | None, seed: int, qc: dict[str, Any],
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, Any]]:
-    """Tile one open slide; fills `qc` (thumbnail, tissue, tile boxes) as it goes."""
+@dataclass
+class TilePlan:
+    """Where the tiles of one slide are: pyramid level, grid and tissue fraction per grid cell."""
+
+    mpp_slide: float
+    mpp_source: str
+    level: int
+    level_downsample: float
+    read_px: int  # tile side in pixels of `level` (resized to tile_px)
+    size0: float  # tile side in level-0 pixels
+    n_rows: int
+    n_cols: int
+    fractions: np.ndarray  # (n_rows, n_cols) tissue fraction
+    thumbnail: Image.Image
+    scale: tuple[float, float]  # level-0 pixels per thumbnail pixel
+    tissue: np.ndarray
+
+    def origin(self, cell: int) -> tuple[int, int]:
+        """Level-0 (x, y) of the top-left corner of grid cell `cell` (row-major index)."""
+        row, col = divmod(int(cell), self.n_cols)
+        return round(col * self.size0), round(row * self.size0)
+
+
+def plan_tiles(
+    slide: openslide.AbstractSlide, *, slide_path: Path, tile_px: int, mpp: float,
+    mpp_fallback: float | None,
+) -> TilePlan:
+    """The tile grid of a slide at `mpp`, and the tissue fraction of each cell (thumbnail only)."""
     slide_mpp_value, mpp_source = slide_mpp(slide, slide_path=slide_path,
                                             mpp_fallback=mpp_fallback)
-    qc["mpp_slide"] = slide_mpp_value
     target_downsample = mpp / slide_mpp_value
     level = slide.get_best_level_for_downsample(target_downsample * (1 + LEVEL_TOLERANCE))
     level_downsample = float(slide.level_downsamples[level])
@@ -210,75 +234,174 @@ def _tile(
         log.warning("%s: target %.3f um/px is finer than level 0 (%.3f um/px); upsampling",
                     slide_path, mpp, slide_mpp_value)
     read_px = max(1, round(tile_px * target_downsample / level_downsample))
-    size0 = read_px * level_downsample  # level-0 pixels covered by one tile
+    size0 = read_px * level_downsample
     level_width, level_height = slide.level_dimensions[level]
     n_cols, n_rows = level_width // read_px, level_height // read_px
     if n_cols == 0 or n_rows == 0:
         raise SlideError(f"{slide_path}: level {level} ({level_width}x{level_height}) is smaller "
                          f"than one {read_px}-px tile")
-
     width, height = slide.dimensions
     longest = max(width, height)
     thumb_downsample = max(1.0, min(max(size0 / THUMBNAIL_TILE_PX, longest / THUMBNAIL_MAX_PX),
                                     longest / THUMBNAIL_MIN_PX))
     thumbnail = slide.get_thumbnail((max(1, math.ceil(width / thumb_downsample)),
                                      max(1, math.ceil(height / thumb_downsample))))
-    scale = (width / thumbnail.width, height / thumbnail.height)  # level-0 px per thumbnail px
-    qc.update(thumbnail=thumbnail, scale=scale)
+    scale = (width / thumbnail.width, height / thumbnail.height)
     tissue = tissue_mask(np.asarray(thumbnail.convert("RGB")))
-    qc["tissue"] = tissue
-    if not tissue.any():
+    fractions = (_tissue_fractions(tissue, scale, size0, n_rows, n_cols) if tissue.any()
+                 else np.zeros((n_rows, n_cols)))
+    return TilePlan(slide_mpp_value, mpp_source, level, level_downsample, read_px, size0,
+                    n_rows, n_cols, fractions, thumbnail, scale, tissue)
+
+
+def _region_rgb(region: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of an OpenSlide RGBA region, transparent pixels (unscanned) white."""
+    rgba = np.asarray(region)
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return rgba[..., :3]
+    a = alpha.astype(np.float32) / 255.0
+    return (rgba[..., :3] * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
+
+
+def _read_jobs(plan: TilePlan, cells: np.ndarray) -> list[tuple[int, int, int, int, list[int]]]:
+    """Group grid cells into region reads: (row0, col0, rows, cols, positions in `cells`).
+
+    Cells are gathered in blocks of about READ_BLOCK_PX level pixels a side; a block is read in
+    one call over the bounding box of its cells when they fill at least half of it (one decode
+    of each JPEG tile instead of up to four), else cell by cell.
+    """
+    per_block = max(1, READ_BLOCK_PX // plan.read_px)
+    rows, cols = np.divmod(cells, plan.n_cols)
+    blocks: dict[tuple[int, int], list[int]] = {}
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        blocks.setdefault((int(r) // per_block, int(c) // per_block), []).append(i)
+    jobs = []
+    for members in blocks.values():
+        r, c = rows[members], cols[members]
+        box_rows, box_cols = int(r.max() - r.min() + 1), int(c.max() - c.min() + 1)
+        if len(members) * 2 >= box_rows * box_cols:
+            jobs.append((int(r.min()), int(c.min()), box_rows, box_cols, members))
+        else:
+            jobs.extend((int(rr), int(cc), 1, 1, [m]) for rr, cc, m in zip(r, c, members,
+                                                                           strict=True))
+    return jobs
+
+
+def read_tiles(
+    slide: openslide.AbstractSlide, plan: TilePlan, cells: np.ndarray, *, tile_px: int,
+    threads: int = 1,
+) -> np.ndarray:
+    """uint8 (N, 3, tile_px, tile_px) tiles of the grid `cells`, read block-wise in threads.
+
+    OpenSlide's reads run in C without the GIL, so `threads` reads overlap.
+    """
+    cells = np.asarray(cells, dtype=np.int64)
+    out = np.empty((len(cells), 3, plan.read_px, plan.read_px), dtype=np.uint8)
+    side = plan.read_px
+
+    def read(job: tuple[int, int, int, int, list[int]]) -> None:
+        row0, col0, n_rows, n_cols, members = job
+        x0, y0 = round(col0 * plan.size0), round(row0 * plan.size0)
+        region = _region_rgb(slide.read_region((x0, y0), plan.level,
+                                               (n_cols * side, n_rows * side)))
+        for m in members:
+            r, c = divmod(int(cells[m]), plan.n_cols)
+            y, x = (r - row0) * side, (c - col0) * side
+            out[m] = region[y:y + side, x:x + side].transpose(2, 0, 1)
+
+    jobs = _read_jobs(plan, cells)
+    if threads > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(read, jobs))
+    else:
+        for job in jobs:
+            read(job)
+    return _resize(out, tile_px)
+
+
+def _resize(tiles: np.ndarray, tile_px: int) -> np.ndarray:
+    """Tiles resized to tile_px (antialiased bilinear, batched in torch); unchanged if equal."""
+    if tiles.shape[-1] == tile_px or len(tiles) == 0:
+        return tiles
+    batch = torch.from_numpy(tiles).to(torch.float32)
+    resized = torch.nn.functional.interpolate(batch, size=(tile_px, tile_px), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return resized.clamp_(0, 255).round_().to(torch.uint8).numpy()
+
+
+def _choose_cells(plan: TilePlan, *, slide_path: Path, tissue_min: float, max_tiles: int | None,
+                  seed: int) -> tuple[np.ndarray, int]:
+    """(chosen grid cells, number of tissue cells): the cells kept, a seeded subset if capped."""
+    if not plan.tissue.any():
         raise SlideError(f"{slide_path}: no tissue found on the thumbnail")
-    fractions = _tissue_fractions(tissue, scale, size0, n_rows, n_cols)
-    candidates = np.flatnonzero(fractions.ravel() >= tissue_min)
+    candidates = np.flatnonzero(plan.fractions.ravel() >= tissue_min)
     if candidates.size == 0:
         raise SlideError(f"{slide_path}: no tile with tissue fraction >= {tissue_min} "
-                         f"(best {fractions.max():.2f})")
+                         f"(best {plan.fractions.max():.2f})")
     chosen = candidates
     if max_tiles is not None and candidates.size > max_tiles:
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(candidates, size=max_tiles, replace=False))
-    rows, cols = np.divmod(chosen, n_cols)
-    origins = [(round(c * size0), round(r * size0)) for r, c in zip(rows, cols, strict=True)]
-    qc["boxes"] = [(x, y, size0) for x, y in origins]
+    return chosen, int(candidates.size)
 
+
+def _tile(
+    slide: openslide.OpenSlide, *, image_id: str, slide_path: Path, mask_path: Path | None,
+    out_path: Path, tile_px: int, mpp: float, mpp_fallback: float | None, tissue_min: float,
+    max_tiles: int | None, seed: int, normaliser: Normaliser | None, threads: int,
+    qc: dict[str, Any], attrs: dict[str, Any],
+) -> int:
+    """Tile one open slide into the bank at `out_path`; return the tile count. Fills `qc`."""
+    plan = plan_tiles(slide, slide_path=slide_path, tile_px=tile_px, mpp=mpp,
+                      mpp_fallback=mpp_fallback)
+    qc.update(mpp_slide=plan.mpp_slide, thumbnail=plan.thumbnail, scale=plan.scale,
+              tissue=plan.tissue)
+    chosen, n_tissue = _choose_cells(plan, slide_path=slide_path, tissue_min=tissue_min,
+                                     max_tiles=max_tiles, seed=seed)
+    origins = [plan.origin(cell) for cell in chosen]
+    qc["boxes"] = [(x, y, plan.size0) for x, y in origins]
+    width, height = slide.dimensions
     annotation = None
     if mask_path is not None:
         annotation, factor_x, factor_y = _read_annotation(mask_path, (width, height))
         qc["annotation"] = annotation
 
-    images = np.empty((len(origins), 3, tile_px, tile_px), dtype=np.uint8)
-    masks = np.zeros((len(origins), tile_px, tile_px), dtype=np.uint8) if annotation is not None \
-        else None
-    for i, (x0, y0) in enumerate(tqdm(origins, desc=f"tiles {image_id}", unit="tile",
-                                      disable=None)):
-        tile = _rgb(slide.read_region((x0, y0), level, (read_px, read_px)))
-        if read_px != tile_px:
-            tile = tile.resize((tile_px, tile_px), Image.Resampling.LANCZOS)
-        images[i] = np.asarray(tile).transpose(2, 0, 1)
-        if masks is not None:
-            masks[i] = _tile_mask(annotation, (factor_x, factor_y), x0, y0, size0, tile_px)
-
-    attrs = {
-        "mpp": mpp,
-        "mpp_slide": slide_mpp_value,
-        "mpp_source": mpp_source,
-        "level": level,
-        "level_downsample": level_downsample,
-        "read_px": read_px,
-        "tile_px": tile_px,
-        "tile_size_level0": size0,
-        "tissue_min": tissue_min,
-        "n_tissue_tiles": int(candidates.size),
-        "max_tiles": max_tiles,
-        "seed": seed,
-        "dimensions": [width, height],
-        "vendor": slide.properties.get(openslide.PROPERTY_NAME_VENDOR, ""),
-        "annotation": str(mask_path) if mask_path is not None else "",
-        "coords_columns": '["x_level0", "y_level0"]',
-    }
+    n_skipped = 0
     coords = np.asarray(origins, dtype=np.float64).reshape(-1, 2)
-    return images, masks, coords, attrs
+    with bank_writer(out_path, n_items=len(chosen), item_shape=(3, tile_px, tile_px),
+                     modality="wsi", coords=coords, with_masks=annotation is not None) as bank:
+        batches = range(0, len(chosen), WRITE_BATCH_TILES)
+        for start in tqdm(batches, desc=f"tiles {image_id}", unit="batch", disable=None):
+            cells = chosen[start:start + WRITE_BATCH_TILES]
+            tiles = read_tiles(slide, plan, cells, tile_px=tile_px, threads=threads)
+            if normaliser is not None:
+                tiles, skipped = normaliser.transform(tiles, return_skipped=True)
+                n_skipped += int(skipped.sum())
+            masks = None
+            if annotation is not None:
+                masks = np.stack([
+                    _tile_mask(annotation, (factor_x, factor_y), *origins[start + i],
+                               plan.size0, tile_px) for i in range(len(cells))])
+            bank.write(start, images=tiles, masks=masks)
+        attrs.update({
+            "mpp": mpp, "mpp_slide": plan.mpp_slide, "mpp_source": plan.mpp_source,
+            "level": plan.level, "level_downsample": plan.level_downsample,
+            "read_px": plan.read_px, "tile_px": tile_px, "tile_size_level0": plan.size0,
+            "tissue_min": tissue_min, "n_tissue_tiles": n_tissue, "max_tiles": max_tiles,
+            "seed": seed, "dimensions": [width, height],
+            "vendor": slide.properties.get(openslide.PROPERTY_NAME_VENDOR, ""),
+            "source": str(slide_path),
+            "annotation": str(mask_path) if mask_path is not None else "",
+            "coords_columns": '["x_level0", "y_level0"]',
+            "stain_normalisation": json.dumps(normaliser.to_dict()) if normaliser else "none",
+            "stain_skipped_tiles": n_skipped,
+        })
+        bank.attrs = dict(attrs)
+    if n_skipped:
+        log.warning("%s: %d of %d tiles had too little tissue for stain normalisation; kept "
+                    "as read", image_id, n_skipped, len(chosen))
+    return len(chosen)
 
 
 def tile_slide(
@@ -295,12 +418,16 @@ def tile_slide(
     tissue_min: float = 0.5,
     max_tiles: int | None = 256,
     seed: int = 0,
+    normaliser: Normaliser | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Write the tissue-tile bank and QC thumbnail of one slide; return its QC row.
 
-    A slide that cannot be read or tiled (SlideError, OpenSlide or I/O errors) never raises: a
-    failed bank and a QC card with the reason are written and the row says why. Invalid options
-    raise ConfigError.
+    Tiles are read block-wise (`threads` reads at once), stain-normalised by `normaliser`
+    (fitted; None leaves colours as scanned) and written a batch at a time, so memory stays
+    bounded whatever the slide's size. A slide that cannot be read or tiled (SlideError,
+    OpenSlide or I/O errors) never raises: a failed bank and a QC card with the reason are
+    written and the row says why. Invalid options raise ConfigError.
     """
     _check_options(tile_px, mpp, tissue_min, max_tiles)
     start = time.perf_counter()
@@ -311,12 +438,14 @@ def tile_slide(
         "reason": "", "n_items": 0, "mpp": None, "level": None, "seconds": 0.0,
     }
     qc: dict[str, Any] = {}
+    attrs: dict[str, Any] = {"image_id": image_id, "case_id": case_id, "modality": "wsi"}
     try:
-        with _open_slide(slide_path) as slide:
-            images, masks, coords, attrs = _tile(
+        with open_slide(slide_path) as slide:
+            n_tiles = _tile(
                 slide, image_id=image_id, slide_path=slide_path, mask_path=mask,
-                tile_px=tile_px, mpp=mpp, mpp_fallback=mpp_fallback, tissue_min=tissue_min,
-                max_tiles=max_tiles, seed=seed, qc=qc,
+                out_path=Path(out_path), tile_px=tile_px, mpp=mpp, mpp_fallback=mpp_fallback,
+                tissue_min=tissue_min, max_tiles=max_tiles, seed=seed, normaliser=normaliser,
+                threads=threads, qc=qc, attrs=attrs,
             )
     except (SlideError, openslide.OpenSlideError, OSError) as err:
         text = str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
@@ -327,11 +456,8 @@ def tile_slide(
         _save_png(_failed_qc_image(reason, qc.get("thumbnail")), Path(qc_png_path))
         row.update(status="failed", reason=reason, mpp=qc.get("mpp_slide"))
     else:
-        write_bank(out_path, images=images, masks=masks, coords=coords,
-                   attrs={"image_id": image_id, "case_id": case_id, "modality": "wsi",
-                          "status": "ok", "reason": "", **attrs})
         _save_png(_qc_image(qc["thumbnail"], qc["tissue"], qc["scale"], qc["boxes"],
                             qc.get("annotation")), Path(qc_png_path))
-        row.update(n_items=len(images), mpp=round(attrs["mpp_slide"], 4), level=attrs["level"])
+        row.update(n_items=n_tiles, mpp=round(attrs["mpp_slide"], 4), level=attrs["level"])
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
