@@ -8,7 +8,7 @@ alone, the floor for any parser.
 
 The script writes N full-size files first (GDC layout, 60,660 gene rows and 4 QC rows, nine
 columns, floats as the GDC prints them). Each timed run is a fresh Python process (imports done
-before the clock starts), so that its peak resident memory (ru_maxrss, reported above the
+before the clock starts), so that its peak resident memory (VmHWM, reported above the
 process's size after imports) belongs to that run alone. Runs alternate and repeat; medians are
 kept. Both must give the same matrices (checksums compared). `--quick`: 40 files. The last line
 printed is one JSON object.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_rss_mb
 
 HEADER = [
     "gene_id", "gene_name", "gene_type", "unstranded", "stranded_first", "stranded_second",
@@ -134,7 +134,7 @@ def worker(which: str, manifest: Path) -> None:
 
     import mgi.expression.anndata_build  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     start = time.perf_counter()
     if which == "limit":
         read_bytes(manifest)
@@ -143,8 +143,8 @@ def worker(which: str, manifest: Path) -> None:
         result = (ours if which == "ours" else baseline)(manifest)
         digest = checksum(result)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_mb": (peak - before) / 1024,
+    peak = peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "peak_mb": peak - before,
                       "checksum": digest}))
 
 

@@ -21,13 +21,14 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _memory import peak_rss_mb
 
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
@@ -171,7 +172,7 @@ def memory_worker(path: Path) -> None:
     from mgi.imaging.slides import tile_slide
 
     torch.set_num_threads(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mb()
     with openslide.OpenSlide(path) as slide:
         plan, cells = tissue_cells(slide, path)
         middle = len(cells) // 2
@@ -182,8 +183,8 @@ def memory_worker(path: Path) -> None:
                    out_path=Path(tmp) / "s.h5", qc_png_path=Path(tmp) / "s.png",
                    tile_px=TILE_PX, mpp=MPP, tissue_min=TISSUE_MIN, max_tiles=None,
                    normaliser=norm)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": peak / 1024, "imports_mb": before / 1024}))
+    peak = peak_rss_mb()
+    print(json.dumps({"peak_mb": peak, "imports_mb": before}))
 
 
 def main(argv: list[str] | None = None) -> dict:
