@@ -9,6 +9,7 @@ consumed one per request:
 * "drop"    send the headers for the whole answer, half the body, then close the connection
 * "corrupt" send the right number of bytes with one byte flipped (md5 mismatch)
 * (status, headers, body)  answer with that status instead, e.g. (429, {"Retry-After": "1"}, "")
+* {"headers": {...}}  answer normally, with these extra headers (e.g. a Content-Disposition)
 
 Every request is recorded (method, path, query, headers, JSON body, answered status).
 """
@@ -248,11 +249,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(seen, 416, b"", {"Content-Range": f"bytes */{len(content)}"})
                 return
         body = content[start:]
+        extra = fault.get("headers", {}) if isinstance(fault, dict) else {}
         if fault == "corrupt":
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         status = 206 if start else 200
         headers = {"Content-Range": f"bytes {start}-{len(content) - 1}/{len(content)}"} \
             if start else {}
+        headers.update(extra)
         if fault != "drop":
             self._send(seen, status, body, headers, "application/octet-stream")
             return

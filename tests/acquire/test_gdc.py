@@ -147,6 +147,21 @@ def test_download_resumes_after_a_dropped_connection(fake_api, tmp_path, sleeps)
     assert sleeps == [0.5]
 
 
+def test_a_server_file_name_never_chooses_where_the_file_goes(fake_api, tmp_path, sleeps):
+    content = _content(5000)
+    row = fake_api.add_file("f1", content)
+    evil = 'attachment; filename="../../../evil.tsv"; filename*=UTF-8\'\'%2E%2E%2Fevil.tsv'
+    fake_api.faults["f1"] = [{"headers": {"Content-Disposition": evil}}]
+    raw = tmp_path / "raw"
+    summary = _download(fake_api, [row], raw)
+    assert summary.downloaded == ["f1"]
+    assert fake_api.requests_to("/data/f1")[0].status == 200
+    assert (raw / row["path"]).read_bytes() == content
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                     if p.is_file())
+    assert written == [f"raw/{row['path']}"]  # the manifest's path, nothing beside or above
+
+
 def test_download_honours_retry_after_on_429(fake_api, tmp_path, sleeps):
     row = fake_api.add_file("f1", _content(1000))
     fake_api.faults["f1"] = [(429, {"Retry-After": "1"}, "slow down")]

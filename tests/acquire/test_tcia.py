@@ -147,6 +147,28 @@ def test_copy_masks_from_a_zip_url(fake_api, tmp_path):
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["TCGA-CS-4941"]
 
 
+def test_brats_style_nifti_label_maps_are_matched_by_barcode(fake_api, tmp_path, caplog):
+    labels = tmp_path / "brats"
+    (labels / "sub").mkdir(parents=True)
+    names = {"TCGA-02-0006_1996.08.23_GlistrBoost_ManuallyCorrected.nii.gz": b"a",
+             "sub/TCGA_08_0355_1997.11.03_GlistrBoost.nii": b"b",
+             "TCGA-02-0006_other.nii.gz": b"c", "README.nii.gz": b"d"}
+    for name, data in names.items():
+        (labels / name).write_bytes(data)
+    wanted = ["TCGA-02-0006", "TCGA-08-0355", "TCGA-99-9999"]
+    with caplog.at_level("WARNING"):
+        copied = tcia.copy_masks(str(labels), tmp_path / "masks", case_ids=wanted)
+    assert sorted(copied) == ["TCGA-02-0006", "TCGA-08-0355"]  # a case without labels: absent
+    assert copied["TCGA-02-0006"].name == "TCGA-02-0006.nii.gz"
+    assert copied["TCGA-02-0006"].read_bytes() == b"a"  # first by name, the other warned
+    assert copied["TCGA-08-0355"].name == "TCGA-08-0355.nii"
+    assert "several label maps" in caplog.text
+    # the same labels zipped behind a URL
+    fake_api.blobs["/brats.zip"] = fake_api.zip({n: d for n, d in names.items()})
+    zipped = tcia.copy_masks(f"{fake_api.url}/brats.zip", tmp_path / "masks2", case_ids=wanted)
+    assert sorted(zipped) == ["TCGA-02-0006", "TCGA-08-0355"]
+
+
 def test_copy_masks_refuses_a_missing_folder(tmp_path):
     with pytest.raises(AcquireError, match="neither a folder nor"):
         tcia.copy_masks(str(tmp_path / "nope"), tmp_path / "masks", case_ids=["A"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from mgi.train.data import to_model_input, unique_case_batches
 
@@ -32,3 +33,33 @@ def test_uint8_tiles_are_scaled_and_mri_passes_through():
     assert to_model_input(tiles).tolist() == [[[[-2.0, 2.0]]]]
     mri = np.array([[[[0.5, -1.0]]]], dtype=np.float16)
     assert to_model_input(mri).dtype == np.float32
+
+
+def test_unlabelled_images_serve_pretraining_only(tmp_path):
+    """A bank without masks is loaded (pre-training pairs it) but never scored as tumour-free."""
+    from mgi.expression.tokens import GeneSequences, write_sequences
+    from mgi.imaging.bank import write_bank
+    from mgi.io import write_tsv
+    from mgi.train.data import load_cohort
+
+    images = tmp_path / "images"
+    rows = []
+    for case, with_mask in (("A", True), ("B", False), ("C", True)):
+        masks = np.ones((2, 4, 4), dtype=np.uint8) if with_mask else None
+        write_bank(images / f"{case}.h5", images=np.zeros((2, 1, 4, 4), np.float16), masks=masks,
+                   coords=np.zeros((2, 2)), attrs={"image_id": case, "case_id": case,
+                                                   "modality": "mri"})
+        rows.append({"image_id": case, "case_id": case, "status": "ok"})
+    write_tsv(pd.DataFrame(rows), images / "qc.tsv")
+    write_tsv(pd.DataFrame({"case_id": ["A", "B", "C"], "split": ["train", "train", "test"]}),
+              tmp_path / "splits.tsv")
+    seqs = GeneSequences(case_ids=np.array(["A", "B", "C"]), splits=np.array(["train"] * 3),
+                         token_ids=np.ones((3, 4), np.int32), values=np.zeros((3, 4), np.float32),
+                         vocab=pd.DataFrame({"token_id": [0, 1, 2, 3], "gene_id": ["", "", "", "g"],
+                                             "gene_name": ["<pad>", "<cls>", "<mask>", "G"]}))
+    write_sequences(seqs, sequences_path=tmp_path / "s.npz", vocab_path=tmp_path / "v.tsv")
+    data = load_cohort(sequences_path=tmp_path / "s.npz", splits_path=tmp_path / "splits.tsv",
+                       qc_path=images / "qc.tsv")
+    assert data.item_case[data.items("train")].tolist() == ["A", "A", "B", "B"]
+    assert data.item_case[data.items("train", labelled=True)].tolist() == ["A", "A"]
+    assert data.item_case[data.items("test", labelled=True)].tolist() == ["C", "C"]

@@ -331,13 +331,20 @@ class _File:
 
 
 class _Progress:
-    """A byte progress bar shared by the workers; each file reports its own byte count."""
+    """A progress bar of bytes (and files done, as its postfix) shared by the workers."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, *, n_files: int = 0) -> None:
         self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                          desc="GDC download", disable=None)
         self._lock = threading.Lock()
         self.fetched = 0  # bytes received from the server, all files together
+        self.n_files, self.files_done = n_files, 0
+        self._bar.set_postfix_str(f"0/{n_files} files", refresh=False)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self.files_done += 1
+            self._bar.set_postfix_str(f"{self.files_done}/{self.n_files} files")
 
     def move(self, delta: int, *, fetched: int = 0) -> None:
         with self._lock:
@@ -510,7 +517,7 @@ def download_files(
     raw_dir = Path(raw_dir)
     files = _manifest_files(manifest, raw_dir)
     summary = DownloadSummary()
-    progress = _Progress(sum(f.size or 0 for f in files))
+    progress = _Progress(sum(f.size or 0 for f in files), n_files=len(files))
     with SessionPerThread(token=token) as sessions, \
             ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         results = pool.map(
@@ -520,6 +527,7 @@ def download_files(
             files,
         )
         for item, (status, reason) in zip(files, results, strict=True):
+            progress.file_done()
             if status == "downloaded":
                 summary.downloaded.append(item.id)
             elif status == "skipped":

@@ -199,23 +199,26 @@ def safe_relative(root: str | os.PathLike[str], relative: str, *, what: str) -> 
 
 def extract_zip(
     archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-    keep_suffix: str | None = None, flatten: bool = False,
+    keep_suffix: str | tuple[str, ...] | None = None, flatten: bool = False,
 ) -> list[Path]:
     """Extract a zip archive into `dest`; return the written files.
 
     Every member name is checked before anything is written: an absolute name, a drive letter or
     a '..' part rejects the whole archive (AcquireError), since zipfile.extract would silently
-    rewrite such names instead. `keep_suffix` keeps only members ending so (case-insensitive);
+    rewrite such names instead. `keep_suffix` keeps only members ending so (case-insensitive;
+    one suffix or a tuple of them);
     `flatten` drops the member's folders (two members with one name is then an error).
     """
     dest = Path(dest)
+    suffixes = (keep_suffix,) if isinstance(keep_suffix, str) else keep_suffix
+    suffixes = tuple(x.lower() for x in suffixes) if suffixes else None
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
             targets: dict[Path, zipfile.ZipInfo] = {}
             for member in members:
                 target = safe_relative(dest, member.filename, what=f"{archive}: member")
-                if keep_suffix and not member.filename.lower().endswith(keep_suffix.lower()):
+                if suffixes and not member.filename.lower().endswith(suffixes):
                     continue
                 if flatten:
                     target = dest / target.name

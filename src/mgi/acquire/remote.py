@@ -182,6 +182,7 @@ def image_table(settings: dict, args: argparse.Namespace) -> None:
             collection=_key(tcia_settings, "collection", "sources.tcia"),
             sequences=list(_key(_section(imaging, "mri"), "sequences", "imaging.mri")),
             masks_url=tcia_settings.get("masks_url"),
+            provider=tcia_settings.get("provider", "nbia"),
             # sources.tcia has no `parallel`; the GDC's "files downloaded at once" serves both
             parallel=int(settings.get("sources", {}).get("gdc", {}).get("parallel", 4)))
         write_tsv(failures, images_path.with_name("image_failures.tsv"))

@@ -33,7 +33,7 @@ from mgi.acquire.http import (
     temporary_dir,
 )
 from mgi.errors import AcquireError
-from mgi.io import write_tsv
+from mgi.io import atomic_path, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ IMAGE_COLUMNS = ["image_id", "case_id", "modality", "path", "mask_path"]
 FAILURE_COLUMNS = ["case_id", "SeriesInstanceUID", "sequence", "reason"]
 # LGG layout (Buda et al. 2019): {folder}/{folder}_{slice}_mask.tif, folder = {patient}_{date}
 _LGG_FOLDER = re.compile(r"^(?P<patient>.+)_(?P<date>\d{8})$")
+_TCGA_BARCODE = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
 _LGG_MASK = re.compile(r"^(?P<folder>.+)_(?P<number>\d+)_mask\.tiff?$", re.IGNORECASE)
 
 
@@ -231,11 +232,15 @@ def copy_masks(
     source: str, masks_dir: str | os.PathLike[str], *, case_ids: Iterable[str],
     session: requests.Session | None = None, retries: int = 5, backoff: float = 0.5,
 ) -> dict[str, Path]:
-    """Copy the cases' LGG-style mask TIFFs to masks/{case_id}/; return {case_id: folder}.
+    """Copy the cases' segmentation labels under masks/; return {case_id: what was written}.
 
-    `source` is a local folder, or an http(s) URL of a zip of one, holding
-    `{patient}_{date}/{patient}_{date}_{n}_mask.tif` (any depth); each file becomes
-    `{case_id}_{n}_mask.tif`. Each case folder is written beside and renamed into place.
+    `source` is a local folder, or an http(s) URL of a zip of one, holding either
+    LGG-style slice TIFFs, `{patient}_{date}/{patient}_{date}_{n}_mask.tif` (any depth; each
+    becomes `masks/{case_id}/{case_id}_{n}_mask.tif`), or BraTS-style NIfTI label maps whose
+    file name holds the TCGA barcode (e.g. `TCGA-02-0006_1996.08.23_GlistrBoost_Manually
+    Corrected.nii.gz`; copied to `masks/{case_id}.nii.gz`; the MRI stage samples them onto the
+    DICOM slices through the affine). Everything is written beside and renamed into place.
+    Cases without labels are simply absent: they serve pre-training only.
     """
     masks_dir = Path(masks_dir)
     wanted = set(case_ids)
@@ -257,13 +262,52 @@ def copy_masks(
             finally:
                 if own:
                     session.close()
-            extract_zip(archive, tmp / "masks", keep_suffix="_mask.tif")  # not the images
-            return _copy_lgg_masks(tmp / "masks", masks_dir, wanted)
+            # labels only, not the images beside them
+            extract_zip(archive, tmp / "masks", keep_suffix=("_mask.tif", ".nii", ".nii.gz"))
+            return _copy_labels(tmp / "masks", masks_dir, wanted)
     root = Path(source)
     if not root.is_dir():
         raise AcquireError(f"sources.tcia.masks_url: {source!r} is neither a folder nor an "
                            "http(s) URL")
-    return _copy_lgg_masks(root, masks_dir, wanted)
+    return _copy_labels(root, masks_dir, wanted)
+
+
+def _copy_labels(root: Path, masks_dir: Path, wanted: set[str]) -> dict[str, Path]:
+    """LGG slice TIFFs where the folder has them, else NIfTI label maps named by barcode."""
+    if _lgg_masks(root):
+        return _copy_lgg_masks(root, masks_dir, wanted)
+    return _copy_nifti_labels(root, masks_dir, wanted)
+
+
+def _nifti_labels(root: Path) -> dict[str, Path]:
+    """Map case id -> NIfTI label map under `root` (the first by name where a case has several)."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+            continue
+        match = _TCGA_BARCODE.search(path.name.replace("_", "-"))
+        if match is None:
+            continue
+        case_id = match.group(0).upper()
+        if case_id in found:
+            log.warning("labels: case %s has several label maps; using %s, ignoring %s",
+                        case_id, found[case_id].name, path.name)
+            continue
+        found[case_id] = path
+    return found
+
+
+def _copy_nifti_labels(root: Path, masks_dir: Path, wanted: set[str]) -> dict[str, Path]:
+    found = _nifti_labels(root)
+    copied = {}
+    for case_id in sorted(wanted & set(found)):
+        suffix = ".nii.gz" if found[case_id].name.lower().endswith(".gz") else ".nii"
+        dest = masks_dir / f"{case_id}{suffix}"
+        with atomic_path(dest, suffix=suffix) as tmp:
+            shutil.copyfile(found[case_id], tmp)
+        copied[case_id] = dest
+    log.info("label maps: %d of %d case(s) found in %s", len(copied), len(wanted), root)
+    return copied
 
 
 def _copy_lgg_masks(root: Path, masks_dir: Path, wanted: set[str]) -> dict[str, Path]:
@@ -283,29 +327,43 @@ def _copy_lgg_masks(root: Path, masks_dir: Path, wanted: set[str]) -> dict[str, 
 def acquire_mri(
     raw_dir: str | os.PathLike[str], *, case_ids: list[str], api_url: str, collection: str,
     sequences: list[str], masks_url: str | None, parallel: int = 4, retries: int = 3,
-    backoff: float = 0.5,
+    backoff: float = 0.5, provider: str = "nbia", idc_client: object | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fetch the cases' MR series (and masks); return the image table rows and the failures.
 
+    `provider` "nbia" asks TCIA's NBIA API at `api_url`; "idc" lists the series in the
+    Imaging Data Commons index (idc-index, offline) and fetches them with its downloader.
     One image row per case with at least one series in place: image_id = case_id,
     path `radiology/{case_id}`, mask_path `masks/{case_id}` when masks were found, else ''.
     """
     raw_dir = Path(raw_dir)
+    if provider not in ("nbia", "idc"):
+        raise AcquireError(f"sources.tcia.provider: {provider!r}; expected 'nbia' or 'idc'")
     with requests.Session() as session:
-        series = list_series(session, api_url, collection=collection, patient_ids=case_ids,
-                             retries=retries, backoff=backoff)
+        if provider == "idc":
+            from mgi.acquire import idc
+
+            series = idc.list_series(collection=collection, patient_ids=case_ids,
+                                     idc=idc_client)
+        else:
+            series = list_series(session, api_url, collection=collection, patient_ids=case_ids,
+                                 retries=retries, backoff=backoff)
         selected = select_series(series, sequences=sequences)
         without = sorted(set(case_ids) - set(selected["PatientID"]))
         if without:
             log.warning("%d case(s) have no MR series matching %s in %s: %s", len(without),
                         sequences, collection, without[:10])
-        cases, failures = download_radiology(
-            selected, raw_dir / "radiology", api_url=api_url, parallel=parallel,
-            retries=retries, backoff=backoff)
+        if provider == "idc":
+            cases, failures = idc.download_radiology(selected, raw_dir / "radiology",
+                                                     idc=idc_client)
+        else:
+            cases, failures = download_radiology(
+                selected, raw_dir / "radiology", api_url=api_url, parallel=parallel,
+                retries=retries, backoff=backoff)
         masks = (copy_masks(masks_url, raw_dir / "masks", case_ids=list(cases), session=session)
                  if masks_url else {})
     rows = [{"image_id": case_id, "case_id": case_id, "modality": "mri",
              "path": f"radiology/{case_id}",
-             "mask_path": f"masks/{case_id}" if case_id in masks else ""}
+             "mask_path": f"masks/{masks[case_id].name}" if case_id in masks else ""}
             for case_id in sorted(cases)]
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS), failures

@@ -42,7 +42,7 @@ def evaluate_variant(
     model.to(device)
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
     threshold = settings["evaluate"]["threshold"]
-    items = data.items("test")
+    items = data.items("test", labelled=True)
     probs = predict(model, data, items, with_genes=VARIANTS[variant][1], device=device)
     pred = probs >= threshold
     truth = data.masks[items].astype(bool)

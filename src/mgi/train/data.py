@@ -30,10 +30,18 @@ class CohortData:
     item_index: np.ndarray  # (N,) index of the item inside its bank
     sequences: GeneSequences
     case_row: dict[str, int]  # case id -> row of sequences.token_ids
+    item_labelled: np.ndarray | None = None  # (N,) bool: the item's bank has tumour masks
 
-    def items(self, split: str) -> np.ndarray:
-        """Indices of the items of one split."""
-        return np.flatnonzero(self.item_split == split)
+    def items(self, split: str, *, labelled: bool = False) -> np.ndarray:
+        """Indices of the items of one split; with `labelled`, only items that have masks.
+
+        Images without labels serve pre-training only: segmentation trains and is scored on
+        labelled items, never on an unlabelled image read as "no tumour".
+        """
+        chosen = self.item_split == split
+        if labelled and self.item_labelled is not None:
+            chosen &= self.item_labelled
+        return np.flatnonzero(chosen)
 
     def genes(self, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and values of the patients of `items`."""
@@ -62,6 +70,7 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
     case_row = {case: i for i, case in enumerate(sequences.case_ids)}
     qc = read_tsv(qc_path, required=["image_id", "case_id", "status"])
     images, masks, cases, item_splits, coords, image_ids, indices = [], [], [], [], [], [], []
+    labelled = []
     any_mask = False
     for row in qc.itertuples():
         split = split_of.get(row.case_id)
@@ -77,6 +86,7 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
             masks.append(bank.masks.astype(np.uint8))
         else:
             masks.append(np.zeros((n, *bank.images.shape[2:]), dtype=np.uint8))
+        labelled += [bank.masks is not None] * n
         cases += [row.case_id] * n
         image_ids += [row.image_id] * n
         indices.append(np.arange(n))
@@ -95,6 +105,7 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
         item_index=np.concatenate(indices),
         sequences=sequences,
         case_row=case_row,
+        item_labelled=np.array(labelled, dtype=bool),
     )
 
 

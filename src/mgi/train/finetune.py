@@ -83,7 +83,7 @@ def finetune(
     model.to(device)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(settings["seed"])
-    train_items = data.items("train")
+    train_items = data.items("train", labelled=True)
     steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
     total = steps_per_epoch * opts["epochs"]
     optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"],
@@ -168,7 +168,7 @@ def patient_dice(model: SegmentationModel, data: CohortData, split: str, *, with
     """Mean over patients of the 3D Dice of all their slices (validation score)."""
     from mgi.evaluate.metrics import volume_metrics
 
-    items = data.items(split)
+    items = data.items(split, labelled=True)
     probs = predict(model, data, items, with_genes=with_genes, device=device)
     scores = []
     for case in sorted(set(data.item_case[items])):
