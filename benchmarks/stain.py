@@ -32,7 +32,11 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mgi.imaging.stain import MacenkoNormaliser, ReinhardNormaliser  # noqa: E402
+from mgi.imaging.stain import (  # noqa: E402
+    MacenkoNormaliser,
+    ReinhardNormaliser,
+    optical_density,
+)
 
 TILE = 224
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +79,7 @@ def per_pixel_floor(norm: MacenkoNormaliser, tiles: np.ndarray, mappings: torch.
     """The per-pixel part of ours with every mapping precomputed."""
     for start in range(0, len(tiles), 8):
         batch = torch.from_numpy(tiles[start:start + 8]).to(torch.float32)
-        od = torch.log1p(batch.flatten(2)).neg_().add_(float(np.log(norm.io)))
+        od = optical_density(batch.flatten(2), norm.io)
         out = torch.bmm(mappings[start:start + 8], od).neg_().exp_().mul_(norm.io)
         out.clamp_(0, 255).round_().to(torch.uint8)
 

@@ -36,6 +36,12 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
         tmp.unlink(missing_ok=True)
 
 
+def compression_of(path: str | os.PathLike[str]) -> str | None:
+    """"gzip" if the file starts with the gzip magic number (whatever its suffix), else None."""
+    with open(path, "rb") as handle:
+        return "gzip" if handle.read(2) == b"\x1f\x8b" else None
+
+
 def write_tsv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `frame` as a tab-separated table, atomically; return the path."""
     with atomic_path(path) as tmp:

@@ -18,9 +18,8 @@ from typing import Any
 import pandas as pd
 
 from mgi.acquire.http import replace_dir, temporary_dir
-from mgi.acquire.tcia import FAILURE_COLUMNS, SERIES_COLUMNS, SERIES_TABLE_COLUMNS
+from mgi.acquire.tcia import FAILURE_COLUMNS, SERIES_COLUMNS, write_series_tables
 from mgi.errors import AcquireError
-from mgi.io import write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,8 @@ def download_radiology(
                       row.sequence, reason)
             failures.append({"case_id": row.PatientID, "SeriesInstanceUID": row.SeriesInstanceUID,
                              "sequence": row.sequence, "reason": reason})
-    cases = {}
     done = pd.DataFrame(ok, columns=selected.columns)
-    for case_id, group in done.groupby("PatientID", sort=True):
-        folder = radiology_dir / str(case_id)
-        write_tsv(group.reindex(columns=SERIES_TABLE_COLUMNS), folder / "series.tsv")
-        cases[str(case_id)] = folder
+    cases = write_series_tables(done, radiology_dir)
     log.info("IDC radiology: %d series of %d case(s) in place, %d failed", len(done),
              len(cases), len(failures))
     return cases, pd.DataFrame(failures, columns=FAILURE_COLUMNS)

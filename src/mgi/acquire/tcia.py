@@ -192,14 +192,20 @@ def download_radiology(
          for row, reason in zip(jobs, reasons, strict=True) if reason],
         columns=FAILURE_COLUMNS,
     )
-    cases = {}
-    for case_id, group in ok.groupby("PatientID", sort=True):
-        folder = radiology_dir / str(case_id)
-        write_tsv(group.reindex(columns=SERIES_TABLE_COLUMNS), folder / "series.tsv")
-        cases[str(case_id)] = folder
+    cases = write_series_tables(ok, radiology_dir)
     log.info("radiology: %d series of %d case(s) in place, %d failed", len(ok), len(cases),
              len(failures))
     return cases, failures
+
+
+def write_series_tables(done: pd.DataFrame, radiology_dir: Path) -> dict[str, Path]:
+    """Write `radiology/{case}/series.tsv` of the series in place; return {case_id: folder}."""
+    cases = {}
+    for case_id, group in done.groupby("PatientID", sort=True):
+        folder = radiology_dir / str(case_id)
+        write_tsv(group.reindex(columns=SERIES_TABLE_COLUMNS), folder / "series.tsv")
+        cases[str(case_id)] = folder
+    return cases
 
 
 def lgg_case_id(folder_name: str) -> str | None:

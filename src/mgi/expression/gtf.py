@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from mgi.errors import ExpressionFileError
+from mgi.io import compression_of
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +138,11 @@ def genomic_order(positions: pd.DataFrame) -> pd.Series:
 
 
 def _open_text(path: Path):
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt") if gzipped else open(path)
+    return gzip.open(path, "rt") if compression_of(path) == "gzip" else open(path)
 
 
 def _gene_batches(path: Path) -> list[pa.Table]:
-    with open(path, "rb") as probe:
-        compression = "gzip" if probe.read(2) == b"\x1f\x8b" else None
+    compression = compression_of(path)
 
     def skip_comments(row: pacsv.InvalidRow) -> str:
         return "skip" if (row.text or "").startswith("#") else "error"

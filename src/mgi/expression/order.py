@@ -286,8 +286,7 @@ def _list_positions(var: pd.DataFrame, entries: list[str]) -> list[int]:
         for i, name in enumerate(var["gene_name"].astype(str)):
             by_name.setdefault(name, []).append(i)
     found, absent = [], []
-    for entry in entries:
-        gene_id = unversioned(pd.Series([entry])).iloc[0]
+    for entry, gene_id in zip(entries, unversioned(pd.Series(entries)), strict=True):
         if gene_id in by_id:
             found.append(by_id[gene_id])
         elif len(by_name.get(entry, [])) == 1:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from mgi.errors import ExpressionFileError
+from mgi.io import compression_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ QC_ROWS = {
 QC_COLUMN = "unstranded"
 FIRST_DATA_LINE = 3  # line 1: gene-model comment, line 2: header
 _GENE_MODEL = re.compile(r"^#\s*gene-model:\s*(\S.*?)\s*$")
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass
@@ -250,10 +250,7 @@ def _check_unique_ids(path: Path, genes: pa.Table) -> None:
 def _read_bytes(path: Path) -> bytes:
     """Whole file, decompressed if it starts with the gzip magic number (whatever its suffix)."""
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(2)
-        compression = "gzip" if magic == _GZIP_MAGIC else None
-        with pa.input_stream(str(path), compression=compression) as stream:
+        with pa.input_stream(str(path), compression=compression_of(path)) as stream:
             return stream.read()
     except FileNotFoundError as err:
         raise ExpressionFileError(f"{path}: file not found") from err

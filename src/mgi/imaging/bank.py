@@ -91,31 +91,8 @@ def _create(handle: h5py.File, name: str, data: np.ndarray) -> None:
     )
 
 
-def write_bank(
-    path: str | os.PathLike[str],
-    *,
-    images: np.ndarray,
-    masks: np.ndarray | None = None,
-    coords: np.ndarray,
-    attrs: dict[str, Any],
-) -> Path:
-    """Write an image bank atomically; return its path."""
-    path = Path(path)
-    images = np.asarray(images)
-    coords = np.asarray(coords, dtype=np.float64)
-    if images.ndim != 4:
-        raise BankError(f"{path}: images must be (N, C, H, W), got shape {images.shape}")
-    n_items = images.shape[0]
-    if coords.ndim != 2 or coords.shape[0] != n_items:
-        raise BankError(f"{path}: coords must be (N={n_items}, k), got shape {coords.shape}")
-    if masks is not None:
-        masks = np.asarray(masks)
-        expected = (n_items, *images.shape[2:])
-        if masks.shape != expected:
-            raise BankError(f"{path}: masks must have shape {expected}, got {masks.shape}")
-        if masks.size and masks.max() > 1:
-            raise BankError(f"{path}: masks must hold 0/1, found max {masks.max()}")
-        masks = masks.astype(np.uint8)
+def _checked_attrs(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """`attrs` with status/reason defaults, or BankError naming what is missing or wrong."""
     attrs = {"status": "ok", "reason": "", **attrs}
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
@@ -125,15 +102,34 @@ def write_bank(
                         f"got {attrs['modality']!r}")
     if attrs["status"] not in STATUSES:
         raise BankError(f"{path}: attr status must be one of {STATUSES}, got {attrs['status']!r}")
-    stored = {key: _attr_value(key, value) for key, value in attrs.items()}
-    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
-        _create(handle, "images", images)
-        if masks is not None:
-            _create(handle, "masks", masks)
-        _create(handle, "coords", coords)
-        for key, value in stored.items():
-            handle.attrs[key] = value
-        handle.attrs["n_items"] = n_items
+    return attrs
+
+
+def write_bank(
+    path: str | os.PathLike[str],
+    *,
+    images: np.ndarray,
+    masks: np.ndarray | None = None,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+) -> Path:
+    """Write an image bank held in memory, atomically; return its path (see bank_writer)."""
+    path = Path(path)
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise BankError(f"{path}: images must be (N, C, H, W), got shape {images.shape}")
+    if masks is not None:
+        masks = np.asarray(masks)
+        expected = (images.shape[0], *images.shape[2:])
+        if masks.shape != expected:
+            raise BankError(f"{path}: masks must have shape {expected}, got {masks.shape}")
+        masks = masks.astype(np.uint8)
+    attrs = _checked_attrs(path, attrs)
+    with bank_writer(path, n_items=images.shape[0], item_shape=images.shape[1:],
+                     modality=attrs["modality"], coords=coords, with_masks=masks is not None,
+                     dtype=images.dtype) as bank:
+        bank.write(0, images=images, masks=masks)
+        bank.attrs = attrs
     return path
 
 
@@ -169,20 +165,25 @@ def bank_writer(
     modality: str,
     coords: np.ndarray,
     with_masks: bool = False,
+    dtype: np.dtype | type | None = None,
 ) -> Iterator[BankWriter]:
     """Yield a writer of an `n_items` bank; the file appears at `path` only if all went well.
 
-    Set `writer.attrs` (image_id, case_id, modality, ... as for write_bank) before the block
-    ends; every item must have been written.
+    Images are stored as `dtype` (default: the modality's, IMAGE_DTYPES). Set `writer.attrs`
+    (image_id, case_id, ...; REQUIRED_ATTRS) before the block ends; every item must have been
+    written.
     """
     path = Path(path)
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[0] != n_items:
         raise BankError(f"{path}: coords must be (N={n_items}, k), got shape {coords.shape}")
+    if modality not in MODALITIES:
+        raise BankError(f"{path}: modality must be one of {MODALITIES}, got {modality!r}")
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as handle:
         shape = (n_items, *item_shape)
         chunked = {"chunks": (1, *item_shape), "compression": "lzf"} if n_items else {}
-        handle.create_dataset("images", shape=shape, dtype=IMAGE_DTYPES[modality], **chunked)
+        handle.create_dataset("images", shape=shape, dtype=dtype or IMAGE_DTYPES[modality],
+                              **chunked)
         if with_masks:
             mask_chunks = {"chunks": (1, *item_shape[1:]), "compression": "lzf"} if n_items else {}
             handle.create_dataset("masks", shape=(n_items, *item_shape[1:]), dtype=np.uint8,
@@ -192,10 +193,7 @@ def bank_writer(
         yield writer
         if not writer.written.all():
             raise BankError(f"{path}: {int((~writer.written).sum())} item(s) never written")
-        attrs = {"status": "ok", "reason": "", "modality": modality, **writer.attrs}
-        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-        if missing:
-            raise BankError(f"{path}: attrs missing {missing}")
+        attrs = _checked_attrs(path, {"modality": modality, **writer.attrs})
         for key, value in attrs.items():
             handle.attrs[key] = _attr_value(key, value)
         handle.attrs["n_items"] = n_items

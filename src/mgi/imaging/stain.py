@@ -34,12 +34,12 @@ CHUNK_TILES = 8  # tiles normalised per tensor pass
 
 def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) float32 tensor in 0..255 from uint8 (N, 3, H, W) or (3, H, W)."""
-    tensor = torch.as_tensor(np.array(images) if not torch.is_tensor(images) else images)
-    if tensor.ndim == 3:
-        tensor = tensor.unsqueeze(0)
-    if tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(f"expected RGB images shaped (N, 3, H, W), got {tuple(tensor.shape)}")
-    return tensor.to(torch.float32)
+    return torch.from_numpy(_as_uint8_batch(images).astype(np.float32))
+
+
+def optical_density(rgb: torch.Tensor, io: float) -> torch.Tensor:
+    """-log((I + 1) / io) of RGB values in 0..255, as log(io) - log1p(I) (two passes)."""
+    return torch.log1p(rgb).neg_().add_(float(np.log(io)))
 
 
 def _saturated_od(io: float) -> float:
@@ -130,8 +130,7 @@ class MacenkoNormaliser:
         self.fitted_ = False
 
     def _optical_density(self, batch: torch.Tensor) -> torch.Tensor:
-        # -log((I + 1) / io) in two passes: log(io) - log1p(I)
-        return torch.log1p(batch.flatten(2)).neg_().add_(float(np.log(self.io)))  # (N, 3, P)
+        return optical_density(batch.flatten(2), self.io)  # (N, 3, P)
 
     def _stains(self, od: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (HE (N, 3, 2), max concentrations (N, 2), usable (N,) bool) of OD batches."""
@@ -273,7 +272,7 @@ class ReinhardNormaliser:
     def _stats(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor]:
         lab = rgb_to_lab(flat)
-        od = -torch.log((flat + 1.0) / self.io)
+        od = optical_density(flat, self.io)
         tissue = (od > self.beta).any(dim=1) & (od < _saturated_od(self.io)).all(dim=1)
         n = tissue.sum(1)
         usable = n >= max(2, int(self.min_tissue * flat.shape[2]))
