@@ -239,22 +239,50 @@ def bank_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         return _read_attrs(path, handle)
 
 
+@dataclass
+class BankHeader:
+    """What an image bank holds, without its pixels: item shape and dtype, masks, coords, attrs."""
+
+    path: Path
+    n_items: int
+    item_shape: tuple[int, int, int]  # (C, H, W)
+    dtype: np.dtype
+    has_masks: bool
+    coords: np.ndarray
+    attrs: dict[str, Any]
+
+
+def _checked_header(path: Path, handle: h5py.File) -> BankHeader:
+    """The bank's header, after checking its datasets and their shapes agree."""
+    attrs = _read_attrs(path, handle)
+    missing = [name for name in REQUIRED_DATASETS if name not in handle]
+    if missing:
+        raise BankError(f"{path}: image bank missing dataset(s) {missing}; "
+                        f"found {sorted(handle.keys())}")
+    images, coords = handle["images"], handle["coords"][()]
+    if images.ndim != 4 or coords.ndim != 2 or coords.shape[0] != images.shape[0]:
+        raise BankError(f"{path}: inconsistent shapes, images {images.shape}, "
+                        f"coords {coords.shape}; expected (N, C, H, W) and (N, k)")
+    has_masks = "masks" in handle
+    if has_masks and handle["masks"].shape != (images.shape[0], *images.shape[2:]):
+        raise BankError(f"{path}: masks shape {handle['masks'].shape} does not match images "
+                        f"{images.shape}")
+    return BankHeader(path=path, n_items=int(images.shape[0]), item_shape=images.shape[1:],
+                      dtype=images.dtype, has_masks=has_masks, coords=coords, attrs=attrs)
+
+
+def read_bank_header(path: str | os.PathLike[str]) -> BankHeader:
+    """Check a bank and return its header without reading pixels (for reading items on demand)."""
+    path = Path(path)
+    with _open(path) as handle:
+        return _checked_header(path, handle)
+
+
 def read_bank(path: str | os.PathLike[str]) -> Bank:
     """Load a whole image bank (pixels, masks, coords, attrs) into memory."""
     path = Path(path)
     with _open(path) as handle:
-        attrs = _read_attrs(path, handle)
-        missing = [name for name in REQUIRED_DATASETS if name not in handle]
-        if missing:
-            raise BankError(f"{path}: image bank missing dataset(s) {missing}; "
-                            f"found {sorted(handle.keys())}")
+        header = _checked_header(path, handle)
         images = handle["images"][()]
-        coords = handle["coords"][()]
-        masks = handle["masks"][()] if "masks" in handle else None
-    if images.ndim != 4 or coords.ndim != 2 or coords.shape[0] != images.shape[0]:
-        raise BankError(f"{path}: inconsistent shapes, images {images.shape}, "
-                        f"coords {coords.shape}; expected (N, C, H, W) and (N, k)")
-    if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
-        raise BankError(f"{path}: masks shape {masks.shape} does not match images "
-                        f"{images.shape}")
-    return Bank(images=images, masks=masks, coords=coords, attrs=attrs)
+        masks = handle["masks"][()] if header.has_masks else None
+    return Bank(images=images, masks=masks, coords=header.coords, attrs=header.attrs)

@@ -94,17 +94,26 @@ class ClipLoss(nn.Module):
 
     Under torch.distributed every rank scores its own rows against the features of the whole
     global batch, so negatives come from all ranks; labels are offset by rank * local batch.
+    `gather=False` keeps the loss local (for evaluation that each rank runs on its own).
+    After a call, `n_candidates` is the number of pairs each row was scored against.
     """
+
+    def __init__(self, *, gather: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+        self.n_candidates = 0
 
     def forward(self, image_features: Tensor, gene_features: Tensor, logit_scale: Tensor) -> Tensor:
         """Mean of image->gene and gene->image cross-entropy (a scalar)."""
         n = image_features.shape[0]
         labels = torch.arange(n, device=image_features.device)
         all_images, all_genes = image_features, gene_features
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.gather and distributed:
             all_images = _gather_with_grad(image_features)
             all_genes = _gather_with_grad(gene_features)
             labels = labels + dist.get_rank() * n  # equal local batch sizes, as all_gather requires
+        self.n_candidates = all_genes.shape[0]
         logits_per_image = logit_scale * image_features @ all_genes.T
         logits_per_gene = logit_scale * gene_features @ all_images.T
         return (

@@ -90,8 +90,10 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def describe_device(device: torch.device) -> str:
-    """The training device in words, for the report (GPU model, or CPU threads)."""
+def describe_device(device: torch.device, *, processes: int = 1) -> str:
+    """The training device in words, for the report (GPU model, or CPU threads; DDP processes)."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"CPU, {torch.get_num_threads()} threads"
+        text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    else:
+        text = f"CPU, {torch.get_num_threads()} threads"
+    return text if processes == 1 else f"{processes} processes x {text}"

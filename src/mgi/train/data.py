@@ -1,18 +1,84 @@
-"""Training data: image items from the image banks, paired with each patient's gene sequence."""
+"""Training data: image items from the image banks, paired with each patient's gene sequence.
+
+Pixels stay in the HDF5 banks (a TCGA slide cohort does not fit in memory) and are read item by
+item on demand, in whichever process asks (DataLoader workers open their own file handles).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 from mgi.errors import TrainingError
 from mgi.expression.tokens import GeneSequences, read_sequences
-from mgi.imaging.bank import read_bank
+from mgi.imaging.bank import BankHeader, read_bank_header
 from mgi.io import read_tsv
+
+
+class BankArray:
+    """The items of several banks as one read-on-demand array: model-ready images or 0/1 masks.
+
+    Index it with an int (one item) or a 1-D integer array (stacked items, in that order), as a
+    NumPy array. Banks without masks read as all-zero masks.
+    """
+
+    def __init__(self, headers: list[BankHeader], *, field: str) -> None:
+        if field not in ("images", "masks"):
+            raise ValueError(f"field must be 'images' or 'masks', got {field!r}")
+        self.headers = headers
+        self.field = field
+        self.offsets = np.cumsum([0] + [h.n_items for h in headers])
+        channels, height, width = headers[0].item_shape
+        self.item_shape = (channels, height, width) if field == "images" else (height, width)
+        self._handles: dict[Path, h5py.File] = {}
+        self._pid = os.getpid()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, C, H, W) for images, (N, H, W) for masks."""
+        return (int(self.offsets[-1]), *self.item_shape)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, header: BankHeader) -> h5py.File:
+        if self._pid != os.getpid():  # a forked worker: never share the parent's HDF5 handles
+            self._handles, self._pid = {}, os.getpid()
+        if header.path not in self._handles:
+            self._handles[header.path] = h5py.File(header.path, "r")
+        return self._handles[header.path]
+
+    def _read(self, bank: int, rows: np.ndarray) -> np.ndarray:
+        header = self.headers[bank]
+        if self.field == "masks":
+            if not header.has_masks:
+                return np.zeros((len(rows), *self.item_shape), np.uint8)
+            return self._file(header)["masks"][rows].astype(np.uint8)
+        return to_model_input(self._file(header)["images"][rows])
+
+    def __getitem__(self, index) -> np.ndarray:
+        single = np.ndim(index) == 0
+        items = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if items.size and (items.min() < 0 or items.max() >= len(self)):
+            raise IndexError(f"item index out of range [0, {len(self)})")
+        out = np.empty((len(items), *self.item_shape),
+                       np.float32 if self.field == "images" else np.uint8)
+        banks = np.searchsorted(self.offsets, items, side="right") - 1
+        for bank in np.unique(banks):
+            chosen = np.flatnonzero(banks == bank)
+            rows = items[chosen] - self.offsets[bank]
+            unique, inverse = np.unique(rows, return_inverse=True)  # h5py wants sorted rows
+            out[chosen] = self._read(int(bank), unique)[inverse]
+        return out[0] if single else out
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +87,8 @@ log = logging.getLogger(__name__)
 class CohortData:
     """Image items of the paired patients, each with its patient's gene sequence row."""
 
-    images: np.ndarray  # (N, C, H, W) float32, model-ready
-    masks: np.ndarray | None  # (N, H, W) uint8 0/1, or None where no bank has masks
+    images: BankArray  # (N, C, H, W) float32, model-ready, read on demand
+    masks: BankArray | None  # (N, H, W) uint8 0/1, or None where no bank has masks
     item_case: np.ndarray  # (N,) case id of each item
     item_split: np.ndarray  # (N,) split of each item
     item_coord: np.ndarray  # (N,) slice position (MRI) or tile x (WSI), to order a patient's items
@@ -59,7 +125,7 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
 
 
 def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> CohortData:
-    """Every usable bank item of the paired patients, in memory, with split and gene rows.
+    """Every usable bank item of the paired patients, with split and gene rows (pixels on demand).
 
     Banks sit beside the QC table (`images/{image_id}.h5`); failed images are skipped (their
     reason is in the QC table).
@@ -69,35 +135,34 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
     split_of = dict(zip(splits["case_id"], splits["split"], strict=True))
     case_row = {case: i for i, case in enumerate(sequences.case_ids)}
     qc = read_tsv(qc_path, required=["image_id", "case_id", "status"])
-    images, masks, cases, item_splits, coords, image_ids, indices = [], [], [], [], [], [], []
-    labelled = []
-    any_mask = False
+    headers: list[BankHeader] = []
+    cases, item_splits, coords, image_ids, indices, labelled = [], [], [], [], [], []
     for row in qc.itertuples():
         split = split_of.get(row.case_id)
         if row.status != "ok" or split not in ("train", "val", "test"):
             continue
         if row.case_id not in case_row:
             raise TrainingError(f"{sequences_path}: no gene sequence for case {row.case_id}")
-        bank = read_bank(qc_path.parent / f"{row.image_id}.h5")
-        n = len(bank.images)
-        images.append(to_model_input(bank.images))
-        if bank.masks is not None:
-            any_mask = True
-            masks.append(bank.masks.astype(np.uint8))
-        else:
-            masks.append(np.zeros((n, *bank.images.shape[2:]), dtype=np.uint8))
-        labelled += [bank.masks is not None] * n
+        header = read_bank_header(qc_path.parent / f"{row.image_id}.h5")
+        if headers and header.item_shape != headers[0].item_shape:
+            raise TrainingError(
+                f"{header.path}: items of shape {header.item_shape}, but "
+                f"{headers[0].path} has {headers[0].item_shape}; one cohort needs one item shape"
+            )
+        headers.append(header)
+        n = header.n_items
+        labelled += [header.has_masks] * n
         cases += [row.case_id] * n
         image_ids += [row.image_id] * n
         indices.append(np.arange(n))
         item_splits += [split] * n
-        coords.append(np.asarray(bank.coords)[:, 0] if len(bank.coords) else np.zeros(n))
-    if not images:
+        coords.append(np.asarray(header.coords)[:, 0] if n else np.zeros(0))
+    if not headers:
         raise TrainingError(f"{qc_path}: no usable image of a paired patient")
-    log.info("loaded %d items of %d patients", len(cases), len(set(cases)))
+    log.info("%d items of %d patients in %d banks", len(cases), len(set(cases)), len(headers))
     return CohortData(
-        images=np.concatenate(images),
-        masks=np.concatenate(masks) if any_mask else None,
+        images=BankArray(headers, field="images"),
+        masks=BankArray(headers, field="masks") if any(h.has_masks for h in headers) else None,
         item_case=np.array(cases, dtype=object),
         item_split=np.array(item_splits, dtype=object),
         item_coord=np.concatenate(coords),
@@ -108,25 +173,3 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
         item_labelled=np.array(labelled, dtype=bool),
     )
 
-
-def unique_case_batches(
-    item_case: np.ndarray, items: np.ndarray, *, batch_size: int, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """One epoch of batches in which no patient appears twice (so no false negatives in CLIP).
-
-    Each patient's items are shuffled; each round takes one item from each of a shuffled set of
-    patients, so every item is seen once per epoch.
-    """
-    by_case: dict[str, list[int]] = {}
-    for i in rng.permutation(items):
-        by_case.setdefault(item_case[i], []).append(int(i))
-    batches = []
-    while by_case:
-        cases = list(by_case)
-        rng.shuffle(cases)
-        for start in range(0, len(cases), batch_size):
-            batch = np.array([by_case[c].pop() for c in cases[start:start + batch_size]])
-            if len(batch) >= 2:  # a contrastive batch needs at least one negative
-                batches.append(batch)
-        by_case = {c: v for c, v in by_case.items() if v}
-    return batches

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from mgi.errors import TrainingError
 from mgi.io import atomic_path, write_tsv
 
 # Parameter names of the gene fusion layers of mgi.models.SegmentationModel.
@@ -44,19 +45,61 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-class History:
-    """Per-epoch training curves, rewritten to a TSV after every epoch (so a crash keeps them)."""
+def resolve_precision(precision: str, *, accelerator: str) -> str:
+    """Lightning precision of `precision` ("auto": bf16-mixed on a bf16 GPU, 16-mixed on an older
+    GPU, 32-true on a CPU, where autocast gains little)."""
+    if precision != "auto":
+        return precision
+    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if not cuda:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
-    def __init__(self, path: Path) -> None:
+
+def make_fabric(opts: dict, *, log_dir: Path | None = None):
+    """A Lightning Fabric for one training stage's options (device, devices, num_nodes, precision).
+
+    More than one process in all (devices x num_nodes) means DDP: NCCL on GPUs, gloo on CPUs.
+    Fabric starts the other local processes itself, or joins those that torchrun or SLURM's
+    srun started. With `log_dir`, scalars also go to TensorBoard there.
+    """
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    accelerator = opts["device"]
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' requested (pretrain/finetune.device), no GPU is visible")
+    processes = opts["devices"] * opts["num_nodes"]
+    loggers = [TensorBoardLogger(root_dir=log_dir, name="", version="")] if log_dir else []
+    return Fabric(
+        accelerator=accelerator,
+        devices=opts["devices"],
+        num_nodes=opts["num_nodes"],
+        strategy="ddp" if processes > 1 else "auto",
+        precision=resolve_precision(opts["precision"], accelerator=accelerator),
+        loggers=loggers,
+    )
+
+
+class History:
+    """Per-epoch training curves, rewritten to a TSV after every epoch (so a crash keeps them).
+
+    `rows` restores the curves of a resumed run; its clock continues from their last `seconds`.
+    """
+
+    def __init__(self, path: Path, rows: list[dict] | None = None, *, write: bool = True) -> None:
         self.path = path
-        self.rows: list[dict] = []
-        self.start = time.perf_counter()
+        self.rows: list[dict] = list(rows or [])
+        self.write = write
+        offset = float(self.rows[-1]["seconds"]) if self.rows else 0.0
+        self.start = time.perf_counter() - offset
 
     def add(self, **values: float) -> None:
         """Append one epoch's values and rewrite the file."""
         values["seconds"] = round(time.perf_counter() - self.start, 3)
         self.rows.append(values)
-        write_tsv(pd.DataFrame(self.rows), self.path)
+        if self.write:
+            write_tsv(pd.DataFrame(self.rows), self.path)
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:

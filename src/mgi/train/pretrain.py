@@ -1,17 +1,24 @@
-"""Contrastive pre-training: align each patient's gene sequence with its images (CLIP loss)."""
+"""Contrastive pre-training: align each patient's gene sequence with its images (CLIP loss).
+
+Lightning Fabric owns the mechanics (devices, DDP over processes and nodes, mixed precision,
+checkpoint I/O, TensorBoard); the loop itself stays here, in one screen: patient-level batches,
+gradient accumulation, warm-up + cosine, NaN/inf stops, checkpoints every N steps, resume.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mgi.errors import ConfigError
+from mgi.errors import ConfigError, TrainingError
 from mgi.io import atomic_path
 from mgi.models import ClipLoss, ClipModel, retrieval_metrics
 from mgi.train.build import (
@@ -19,14 +26,17 @@ from mgi.train.build import (
     describe_device,
     gene_config,
     image_config,
-    pick_device,
     seed_everything,
     warmup_cosine,
 )
-from mgi.train.data import CohortData, load_cohort, unique_case_batches
-from mgi.train.loop import History, adamw, autocast, save_checkpoint
+from mgi.train.checkpoint import resume_state, run_fingerprint, save_state
+from mgi.train.data import CohortData, load_cohort
+from mgi.train.loop import History, adamw, make_fabric, save_checkpoint
+from mgi.train.pairs import PatientPairs, augmentation, epoch_batches, local_part
 
 log = logging.getLogger(__name__)
+
+RETRIEVAL_KS = (1, 5, 10)
 
 
 def pretrain(
@@ -37,72 +47,173 @@ def pretrain(
     settings: dict,
     out_dir: Path,
     threads: int = 1,
-) -> dict:
-    """Train the CLIP model; write model.pt (best on validation), history.tsv, retrieval.json."""
-    seed_everything(settings["seed"], threads=threads)
+) -> dict | None:
+    """Train the CLIP model; write model.pt (best on validation), history.tsv, retrieval.json.
+
+    Every process of a DDP run calls this; process 0 writes the outputs and returns the
+    retrieval scores, the others return None. A run killed part-way resumes from
+    `out_dir/checkpoints/last.ckpt` when called again with the same settings and inputs.
+    """
     opts = settings["pretrain"]
-    device = pick_device(opts["device"])
+    fabric = make_fabric(opts, log_dir=out_dir / "tensorboard")
+    fabric.launch()
+    world, rank = fabric.world_size, fabric.global_rank
+    seed_everything(settings["seed"], threads=max(1, threads // opts["devices"]))
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
     gene_cfg = gene_config(settings, vocab_size=data.sequences.vocab_size)
     image_cfg = image_config(settings, in_chans=data.images.shape[1])
     try:
-        model = ClipModel(gene_cfg, image_cfg, init_temperature=opts["init_temperature"])
+        raw = ClipModel(gene_cfg, image_cfg, init_temperature=opts["init_temperature"])
     except ValueError as err:  # an impossible combination of model.* and imaging.* keys
         raise ConfigError(f"model config: {err}") from err
-    model.to(device)
-    loss_fn = ClipLoss()
-    rng = np.random.default_rng(settings["seed"])
-    train_items = data.items("train")
-    steps_per_epoch = len(unique_case_batches(
-        data.item_case, train_items, batch_size=opts["batch_size"], rng=np.random.default_rng(0)))
+
+    modality = settings["imaging"]["modality"]
+    pairs = PatientPairs(data, data.items("train"), seed=settings["seed"],
+                         augment=augmentation(modality=modality, intensity=opts["augment"],
+                                              shift=opts["augment_shift"],
+                                              size=data.images.shape[-1]))
+    val_pairs = PatientPairs(data, data.items("val"), seed=settings["seed"])
+    batch_size = min(opts["batch_size"], len(pairs))
+    if batch_size % world:
+        raise ConfigError(
+            f"pretrain.batch_size ({batch_size}, or the number of training patients when fewer) "
+            f"must be a multiple of the number of processes ({world})"
+        )
+    batches_per_epoch = len(epoch_batches(len(pairs), batch_size=batch_size, world_size=world,
+                                          seed=settings["seed"], epoch=1))
+    steps_per_epoch = math.ceil(batches_per_epoch / opts["accumulate"])
     total = steps_per_epoch * opts["epochs"]
-    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    optimizer = adamw(raw, lr=opts["lr"], weight_decay=opts["weight_decay"])
     scheduler = warmup_cosine(
         optimizer, total_steps=total, warmup_steps=round(total * opts["warmup_fraction"]))
-    history = History(out_dir / "history.tsv")
-    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
-    log.info("pre-training on %d items of %d patients, %d steps on %s", len(train_items),
-             len(set(data.item_case[train_items])), total, device)
-    for epoch in tqdm(range(1, opts["epochs"] + 1), desc="pretrain", unit="epoch"):
+    model, optimizer = fabric.setup(raw, optimizer)
+    loss_fn, eval_loss_fn = ClipLoss(), ClipLoss(gather=False)
+
+    fingerprint = run_fingerprint(settings, stage="pretrain",
+                                  inputs=[sequences_path, splits_path, qc_path])
+    last_path = out_dir / "checkpoints" / "last.ckpt"
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 1,
+             "batch": 0, "step": 0, "epoch_losses": [], "negatives": 0, "history": [],
+             "best": {"val_loss": float("inf"), "epoch": 0,
+                      "state_dict": copy.deepcopy(raw.state_dict())},
+             "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint}
+    if resume_state(fabric, last_path, state, fingerprint=fingerprint):
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming from %s: epoch %d, batch %d, step %d", last_path, state["epoch"],
+                 state["batch"], state["step"])
+    history = History(out_dir / "history.tsv", state["history"], write=fabric.is_global_zero)
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        state.update(epoch=epoch, batch=batch, history=history.rows,
+                     torch_rng=torch.get_rng_state())
+        save_state(fabric, last_path, state)
+
+    log.info("pre-training on %d patients (%d images), %d steps of %d pairs on %d process(es), "
+             "precision %s", len(pairs), len(data.items("train")), total, batch_size, world,
+             fabric.strategy.precision.precision)
+    progress = tqdm(total=total, initial=state["step"], desc="pretrain", unit="step",
+                    disable=not fabric.is_global_zero)
+    for epoch in range(state["epoch"], opts["epochs"] + 1):
+        batches = epoch_batches(len(pairs), batch_size=batch_size, world_size=world,
+                                seed=settings["seed"], epoch=epoch)
+        first = state["batch"] if epoch == state["epoch"] else 0
+        if first == 0:
+            state["epoch_losses"] = []
+        keys = [[(epoch, int(p)) for p in local_part(b, rank=rank, world_size=world)]
+                for b in batches[first:]]
+        loader = DataLoader(pairs, batch_sampler=keys, num_workers=opts["num_workers"],
+                            persistent_workers=False)
         model.train()
-        losses = []
-        for batch in unique_case_batches(
-                data.item_case, train_items, batch_size=opts["batch_size"], rng=rng):
-            images = torch.from_numpy(data.images[batch]).to(device)
-            flip = torch.from_numpy(rng.random(len(batch)) < 0.5).to(device)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            tokens, values = (t.to(device) for t in data.genes(batch))
-            with autocast(device):
+        for index, batch in enumerate(loader, start=first):
+            group_start = index - index % opts["accumulate"]
+            group_size = min(opts["accumulate"], len(batches) - group_start)
+            stepping = index + 1 == group_start + group_size
+            images, tokens, values = fabric.to_device(batch)
+            with fabric.no_backward_sync(model, enabled=not stepping):
                 loss = loss_fn(*model(images, tokens, values))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                global_loss = _global_mean(fabric, loss)
+                _check_finite(fabric, global_loss, "loss", epoch=epoch, step=state["step"],
+                              lr=scheduler.get_last_lr()[0], checkpoint=last_path)
+                fabric.backward(loss / group_size)
+            state["epoch_losses"].append(global_loss)
+            state["negatives"] = loss_fn.n_candidates
+            if not stepping:
+                continue
+            norm = fabric.clip_gradients(model, optimizer, max_norm=1.0)
+            if fabric.strategy.precision.precision != "16-mixed":  # fp16's scaler skips inf steps
+                _check_finite(fabric, norm, "gradient norm", epoch=epoch, step=state["step"],
+                              lr=scheduler.get_last_lr()[0], checkpoint=last_path)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            losses.append(loss.item())
-        val_loss = contrastive_loss(model, loss_fn, data, "val", device=device,
-                                    batch_size=opts["batch_size"])
-        val = case_retrieval(model, data, "val", device=device)
-        history.add(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss,
-                    val_recall_at_1=val["gene_to_image"]["recall@1"],
-                    temperature=float(1.0 / model.logit_scale.exp().item()),
-                    lr=scheduler.get_last_lr()[0])
-        if val_loss < best[0]:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
+            state["step"] += 1
+            progress.update()
+            fabric.log_dict({"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
+                             "train/negatives": loss_fn.n_candidates}, step=state["step"])
+            if opts["checkpoint_every"] and state["step"] % opts["checkpoint_every"] == 0:
+                checkpoint(epoch, index + 1)
+        val_loss = contrastive_loss(raw, eval_loss_fn, val_pairs, device=fabric.device)
+        val = case_retrieval(raw, data, "val", device=fabric.device)["gene_to_image"]
+        row = {"epoch": epoch, "step": state["step"],
+               "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
+               "val_recall_at_1": val["recall@1"], "val_recall_at_5": val["recall@5"],
+               "val_mean_rank": val["mean_rank"],
+               "temperature": float(1.0 / raw.logit_scale.exp().item()),
+               "lr": scheduler.get_last_lr()[0], "negatives": state["negatives"]}
+        history.add(**row)
+        fabric.log_dict({f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
+                        step=state["step"])
+        if val_loss < state["best"]["val_loss"]:
+            state["best"] = {"val_loss": val_loss, "epoch": epoch,
+                             "state_dict": copy.deepcopy(raw.state_dict())}
+        if epoch == opts["epochs"] or (opts["checkpoint_every"] and steps_per_epoch
+                                       >= opts["checkpoint_every"]):
+            checkpoint(epoch + 1, 0)
+    progress.close()
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        return None
+    return _finish(raw, data, state, gene_cfg, image_cfg, device=fabric.device, out_dir=out_dir,
+                   processes=world)
+
+
+def _global_mean(fabric, loss: torch.Tensor) -> float:
+    """The loss averaged over every process (the whole global batch's loss)."""
+    value = loss.detach().float()
+    if fabric.world_size > 1:
+        value = fabric.all_reduce(value, reduce_op="mean")
+    return float(value)
+
+
+def _check_finite(fabric, value: torch.Tensor | float, what: str, *, epoch: int, step: int,
+                  lr: float, checkpoint: Path) -> None:
+    """Stop with a clear message when `value` (equal on every process) is NaN or infinite."""
+    if not math.isfinite(float(value)):
+        raise TrainingError(
+            f"pre-training diverged: the {what} is not finite at epoch {epoch}, step {step + 1} "
+            f"(learning rate {lr:.3g}, precision {fabric.strategy.precision.precision}). Lower "
+            f"pretrain.lr, raise pretrain.warmup_fraction or set pretrain.precision to 32-true, "
+            f"then rerun. The last good checkpoint is {checkpoint}."
+        )
+
+
+def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, *,
+            device: torch.device, out_dir: Path, processes: int) -> dict:
+    """Load the best weights, score retrieval on every split, write retrieval.json and model.pt."""
+    raw.load_state_dict(state["best"]["state_dict"])
     retrieval = {
-        split: case_retrieval(model, data, split, device=device, permutations=1000)
+        split: case_retrieval(raw, data, split, device=device, permutations=1000)
         for split in ("train", "val", "test")
     }
-    retrieval["best_epoch"] = best[1]
-    retrieval["device"] = describe_device(device)
+    retrieval["best_epoch"] = state["best"]["epoch"]
+    retrieval["device"] = describe_device(device, processes=processes)
     with atomic_path(out_dir / "retrieval.json") as tmp:
         tmp.write_text(json.dumps(retrieval, indent=2))
     save_checkpoint({
-        "state_dict": model.state_dict(),
+        "state_dict": raw.state_dict(),
         "gene_config": config_dict(gene_cfg),
         "image_config": config_dict(image_cfg),
-        "best_epoch": best[1],
+        "best_epoch": state["best"]["epoch"],
     }, out_dir / "model.pt")
     test = retrieval["test"]["gene_to_image"]
     log.info("test retrieval gene->image recall@1 %.3f (chance %.3f, permutation p %.4f)",
@@ -111,19 +222,16 @@ def pretrain(
 
 
 @torch.no_grad()
-def contrastive_loss(model: ClipModel, loss_fn: ClipLoss, data: CohortData, split: str, *,
-                     device: torch.device, batch_size: int) -> float:
-    """Mean CLIP loss over fixed batches (one item per patient) of a split."""
+def contrastive_loss(model: ClipModel, loss_fn: ClipLoss, pairs: PatientPairs, *,
+                     device: torch.device, rounds: int = 4) -> float:
+    """Mean CLIP loss of a split's patients over `rounds` fixed draws of one image each."""
     model.eval()
-    items = data.items(split)
-    batches = unique_case_batches(data.item_case, items, batch_size=batch_size,
-                                  rng=np.random.default_rng(0))
     losses = []
-    for batch in batches:
-        images = torch.from_numpy(data.images[batch]).to(device)
-        tokens, values = (t.to(device) for t in data.genes(batch))
+    for draw in range(rounds):
+        batch = [pairs[(draw, p)] for p in range(len(pairs))]
+        images, tokens, values = (torch.stack(t).to(device) for t in zip(*batch, strict=True))
         losses.append(loss_fn(*model(images, tokens, values)).item())
-    return float(np.mean(losses)) if losses else float("nan")
+    return float(np.mean(losses))
 
 
 @torch.no_grad()
@@ -165,12 +273,12 @@ def case_retrieval(model: ClipModel, data: CohortData, split: str, *, device: to
                    permutations: int = 0) -> dict:
     """Patient-level retrieval (gene->image, image->gene) with chance and permutation p-values."""
     cases, images, genes = case_embeddings(model, data, split, device=device)
-    result = _by_direction(retrieval_metrics(images, genes))
+    result = _by_direction(retrieval_metrics(images, genes, ks=RETRIEVAL_KS))
     result["n_patients"] = len(cases)
     if permutations:
         rng = np.random.default_rng(0)
         null = [_by_direction(retrieval_metrics(
-            images, genes[torch.from_numpy(rng.permutation(len(cases)))]))
+            images, genes[torch.from_numpy(rng.permutation(len(cases)))], ks=RETRIEVAL_KS))
             for _ in range(permutations)]
         for direction in ("gene_to_image", "image_to_gene"):
             for key in [k for k in result[direction] if k.startswith("recall@")]:

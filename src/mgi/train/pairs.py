@@ -1,0 +1,111 @@
+"""Patient-level image-gene pairs for contrastive pre-training.
+
+A step pairs each patient of the batch with one of its images (drawn afresh every epoch) and its
+gene sequence, so no patient meets itself as a negative. Every random choice (batch order,
+which image, augmentation) is seeded by (seed, epoch, patient): the same run gives the same
+batches on any number of workers or processes, and a resumed run picks up exactly where the
+killed one stopped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    RandAffine,
+    RandFlip,
+    RandRotate90,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch.utils.data import Dataset
+
+from mgi.errors import TrainingError
+from mgi.train.data import CohortData
+
+
+def epoch_batches(n_patients: int, *, batch_size: int, world_size: int, seed: int,
+                  epoch: int) -> list[np.ndarray]:
+    """One epoch of global batches of patient indices (a seeded permutation cut in batch_size).
+
+    A short last batch is cut to a multiple of `world_size` (every process gets the same number
+    of pairs, as gathering features needs) and dropped when it has no negative left.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n_patients)
+    batches = []
+    for start in range(0, n_patients, batch_size):
+        batch = order[start:start + batch_size]
+        batch = batch[:len(batch) - len(batch) % world_size]
+        if len(batch) >= max(2, world_size):
+            batches.append(batch)
+    return batches
+
+
+def local_part(batch: np.ndarray, *, rank: int, world_size: int) -> np.ndarray:
+    """This process's contiguous slice of a global batch (rank order = gathered order)."""
+    return batch.reshape(world_size, -1)[rank]
+
+
+def augmentation(*, modality: str, intensity: float, shift: float = 0.0,
+                 size: int = 0) -> Compose | None:
+    """MONAI transforms of one (C, H, W) image: flips and small intensity (WSI: colour) jitter.
+
+    MRI slices are flipped left-right only (anatomy keeps its up-down orientation); WSI tiles
+    are flipped both ways and rotated by multiples of 90 degrees. The jitter scales and shifts
+    intensities by up to `intensity` (per channel for WSI). None when `intensity` < 0.
+    """
+    if intensity < 0:
+        return None
+    transforms = [RandFlip(prob=0.5, spatial_axis=1)]
+    if shift > 0:  # a small rotation and shift (zero-padded): where things sit is no identity
+        transforms.append(RandAffine(prob=1.0, rotate_range=(0.15,),
+                                     translate_range=(shift * size, shift * size),
+                                     padding_mode="zeros"))
+    wsi = modality == "wsi"
+    if wsi:
+        transforms += [RandFlip(prob=0.5, spatial_axis=0), RandRotate90(prob=0.5)]
+    if intensity > 0:
+        transforms += [RandScaleIntensity(factors=intensity, prob=1.0, channel_wise=wsi),
+                       RandShiftIntensity(offsets=intensity, prob=1.0, channel_wise=wsi)]
+    return Compose(transforms)
+
+
+class PatientPairs(Dataset):
+    """Pairs keyed by (epoch, patient index): one seeded image of the patient and its genes."""
+
+    def __init__(self, data: CohortData, items: np.ndarray, *, seed: int,
+                 augment: Compose | None = None) -> None:
+        self.data = data
+        self.seed = seed
+        self.augment = augment
+        by_patient: dict[str, list[int]] = {}
+        for item in items:
+            by_patient.setdefault(data.item_case[item], []).append(int(item))
+        if len(by_patient) < 2:
+            raise TrainingError(
+                f"contrastive pre-training needs at least 2 patients with images, got "
+                f"{len(by_patient)}"
+            )
+        self.patients = sorted(by_patient)
+        self.items = [np.array(by_patient[p]) for p in self.patients]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image (C, H, W), token ids (L,), values (L,)) of patient `key[1]` in epoch `key[0]`."""
+        epoch, patient = key
+        draw, aug_seed = np.random.SeedSequence([self.seed, epoch, patient]).generate_state(2)
+        item = self.items[patient][int(draw) % len(self.items[patient])]
+        image = torch.from_numpy(self.data.images[item])
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(aug_seed))
+            image = self.augment(image)
+            if isinstance(image, MetaTensor):
+                image = image.as_tensor()
+        row = self.data.case_row[self.patients[patient]]
+        tokens = torch.from_numpy(self.data.sequences.token_ids[row].astype(np.int64))
+        values = torch.from_numpy(self.data.sequences.values[row].astype(np.float32))
+        return image.float().contiguous(), tokens, values
