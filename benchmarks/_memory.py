@@ -34,14 +34,19 @@ def run_worker(script: str, *args: str) -> dict:
 
 
 def worker_arguments(
-    doc: str, *, quick: str, worker: tuple[str, str], argv: list[str] | None = None
+    doc: str, *, quick: str, worker: tuple[str, str], argv: list[str] | None = None,
+    device: bool = False,
 ) -> argparse.Namespace:
-    """--quick (help text `quick`), --repeats, --threads and the hidden --worker NAME NAME."""
+    """--quick (help text `quick`), --repeats, --threads, the hidden --worker NAME NAME and,
+    with `device`, --device cpu|cuda."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--worker", nargs=2, metavar=worker, help=argparse.SUPPRESS)
+    if device:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                            help="where the contenders run")
     return parser.parse_args(argv)
 
 

@@ -15,7 +15,9 @@ fresh worker process per contender and L. limit_s: three passes of one in-place 
 step over the (d_state, d_inner) state (forward, its recomputation, the reverse recurrence), the
 floor for a stepwise scan driven from Python. One JSON line per L, then the summary line (ratio
 at the longest L; t16k_over_t1k: our time growth for 16x the length, 16 = linear).
-`--quick`: L = 128, 512, 2,048.
+`--quick`: L = 128, 512, 2,048. `--device cuda` (where a GPU is at hand): ours is mamba_ssm's
+kernel where importable, else the "chunked" backend, against the same reference on the GPU;
+peak memory is then torch.cuda.max_memory_allocated of each pass.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ D_INNER, D_STATE, BATCH = 256, 16, 1
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def make_inputs(length: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(length: int, *, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Scan inputs as a Mamba block hands them over (mamba_ssm shapes), all requiring grad."""
     g = torch.Generator().manual_seed(seed)
 
@@ -53,16 +55,22 @@ def make_inputs(length: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
         "z": sequence_major(D_INNER),
         "delta_bias": dt + torch.log(-torch.expm1(-dt)),  # softplus(bias) in [1e-3, 1e-1]
     }
-    return {k: v.requires_grad_() for k, v in tensors.items()}
+    return {k: v.to(device).requires_grad_() for k, v in tensors.items()}
 
 
 def forward_backward(inputs: dict[str, torch.Tensor], backend: str, grad_out: torch.Tensor):
     """Seconds of one forward and backward pass, the output and the inputs' gradients."""
     for t in inputs.values():
         t.grad = None
+    cuda = grad_out.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     y = selective_scan(**inputs, delta_softplus=True, backend=backend)
     y.backward(grad_out)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return seconds, y.detach(), {k: v.grad for k, v in inputs.items()}
 
@@ -104,40 +112,52 @@ def short(length: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = worker_arguments(
-        __doc__, quick="L = 128, 512, 2,048", worker=("BACKEND", "L"), argv=argv
+        __doc__, quick="L = 128, 512, 2,048", worker=("BACKEND", "L"), argv=argv, device=True
     )
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), threads=args.threads)
         return {}
     torch.set_num_threads(args.threads)
+    device = args.device
+    ours = "sequential"
+    if device == "cuda":
+        from mgi.models.mamba import resolve_scan_backend
+
+        ours = resolve_scan_backend("auto", device=torch.device("cuda"))
     lengths = (128, 512, 2_048) if args.quick else (1_024, 4_096, 16_384)
     rows = []
     for length in lengths:
-        inputs = make_inputs(length)
-        grad_out = torch.randn(BATCH, D_INNER, length, generator=torch.Generator().manual_seed(1))
+        inputs = make_inputs(length, device=device)
+        grad_out = torch.randn(BATCH, D_INNER, length,
+                               generator=torch.Generator().manual_seed(1)).to(device)
         # check (and warm up) first: float32 sums in another order, so agree on each scale
         _, y_ref, g_ref = forward_backward(inputs, "reference", grad_out)
-        _, y_ours, g_ours = forward_backward(inputs, "sequential", grad_out)
+        _, y_ours, g_ours = forward_backward(inputs, ours, grad_out)
         errors = {"y": max_relative_error(y_ours, y_ref)}
         errors |= {f"d{k}": max_relative_error(g_ours[k], g_ref[k]) for k in ARGS}
         worst = max(errors, key=errors.get)
         if errors[worst] > 1e-4:
             raise SystemExit(f"L={length}: ours and the reference disagree: {worst} {errors}")
-        times: dict[str, list[float]] = {"sequential": [], "reference": []}
+        times: dict[str, list[float]] = {ours: [], "reference": []}
+        peaks: dict[str, float] = {}
         for r in range(args.repeats):
-            order = ["sequential", "reference"] if r % 2 == 0 else ["reference", "sequential"]
+            order = [ours, "reference"] if r % 2 == 0 else ["reference", ours]
             for backend in order:
                 times[backend].append(forward_backward(inputs, backend, grad_out)[0])
+                if device == "cuda":
+                    peaks[backend] = torch.cuda.max_memory_allocated() / 2**20
         del inputs, grad_out, y_ref, g_ref, y_ours, g_ours
-        ours_s, baseline_s = (statistics.median(times[k]) for k in ("sequential", "reference"))
+        ours_s, baseline_s = (statistics.median(times[k]) for k in (ours, "reference"))
+        if device != "cuda":
+            peaks = {k: peak_memory(k, length, threads=args.threads) for k in (ours, "reference")}
         row = {
             "L": length,
             "ours_s": round(ours_s, 4),
             "baseline_s": round(baseline_s, 4),
             "ratio": round(baseline_s / ours_s, 2),
             "limit_s": round(statistics.median(loop_floor(length) for _ in range(3)), 4),
-            "ours_peak_mb": round(peak_memory("sequential", length, threads=args.threads), 1),
-            "baseline_peak_mb": round(peak_memory("reference", length, threads=args.threads), 1),
+            "ours_peak_mb": round(peaks[ours], 1),
+            "baseline_peak_mb": round(peaks["reference"], 1),
             "max_rel_error": float(f"{errors[worst]:.2g}"),
         }
         rows.append(row)
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         "name": "scan",
         "ours_s": last["ours_s"],
         "baseline": "reference scan stepped under autograd (as mamba_ssm selective_scan_ref)",
+        "ours_backend": ours,
+        "device": device,
         "baseline_s": last["baseline_s"],
         "ratio": last["ratio"],
         "limit_s": last["limit_s"],
