@@ -65,12 +65,16 @@ def test_snakemake_stops_at_start_on_a_misspelt_key(tmp_path: Path, tiny_config:
     assert "epochz" in result.stdout + result.stderr
 
 
-def test_real_cohort_dag_is_planned_without_network(tmp_path: Path):
+@pytest.mark.parametrize("cohort", ["tcga-lgg", "tcga-gbm", "tcga-brca"])
+def test_real_cohort_dag_is_planned_without_network(tmp_path: Path, cohort: str):
+    """Each shipped cohort config validates and plans (-n) with no code change and no network."""
     work = make_workdir(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text()))
     shutil_copy = __import__("shutil").copytree
     shutil_copy(REPO / "cohorts", work / "cohorts")
-    result = run(["snakemake", "--cores", "1", "-n", "--configfile", "cohorts/tcga-lgg.yaml"], work)
+    result = run(["snakemake", "--cores", "1", "-n", "--configfile", f"cohorts/{cohort}.yaml"],
+                 work)
     out = result.stdout + result.stderr
     for rule in ("gdc_query", "gdc_download", "image_table", "expression_matrix"):
         assert rule in out
+    assert f"results/{cohort}/" in out or f"data/{cohort}/" in out
     assert not (work / "data").exists()
