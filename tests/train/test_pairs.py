@@ -90,3 +90,20 @@ def test_pairs_need_two_patients(tiny_cohort):
     one = data.items("test")[:1]
     with pytest.raises(TrainingError, match="at least 2 patients"):
         PatientPairs(data, one, seed=0)
+
+
+def test_gene_dropout_keeps_the_order_of_the_kept_genes_and_pads_at_the_end():
+    from mgi.train.pairs import drop_genes
+
+    tokens = np.array([5, 9, 3, 7, 4, 8, 0, 0])
+    values = np.array([1.0, 2, 3, 4, 5, 6, 0, 0], dtype=np.float32)
+    out_t, out_v = drop_genes(tokens, values, rate=0.5, rng=np.random.default_rng(3))
+    kept = out_t[out_t != 0]
+    assert 1 <= len(kept) < 6 and (out_t[len(kept):] == 0).all() and (out_v[len(kept):] == 0).all()
+    positions = [tokens.tolist().index(t) for t in kept]
+    assert positions == sorted(positions)  # order kept
+    assert all(out_v[i] == values[p] for i, p in enumerate(positions))  # values travel along
+    same_t, same_v = drop_genes(tokens, values, rate=0.0, rng=np.random.default_rng(0))
+    assert same_t.tolist() == tokens.tolist() and same_v.tolist() == values.tolist()
+    one_t, _ = drop_genes(tokens, values, rate=0.99999, rng=np.random.default_rng(0))
+    assert (one_t != 0).sum() == 1

@@ -76,10 +76,11 @@ class PatientPairs(Dataset):
     """Pairs keyed by (epoch, patient index): one seeded image of the patient and its genes."""
 
     def __init__(self, data: CohortData, items: np.ndarray, *, seed: int,
-                 augment: Compose | None = None) -> None:
+                 augment: Compose | None = None, gene_dropout: float = 0.0) -> None:
         self.data = data
         self.seed = seed
         self.augment = augment
+        self.gene_dropout = gene_dropout
         by_patient: dict[str, list[int]] = {}
         for item in items:
             by_patient.setdefault(data.item_case[item], []).append(int(item))
@@ -97,7 +98,8 @@ class PatientPairs(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image (C, H, W), token ids (L,), values (L,)) of patient `key[1]` in epoch `key[0]`."""
         epoch, patient = key
-        draw, aug_seed = np.random.SeedSequence([self.seed, epoch, patient]).generate_state(2)
+        draw, aug_seed, gene_seed = np.random.SeedSequence(
+            [self.seed, epoch, patient]).generate_state(3)
         item = self.items[patient][int(draw) % len(self.items[patient])]
         image = torch.from_numpy(self.data.images[item])
         if self.augment is not None:
@@ -106,6 +108,27 @@ class PatientPairs(Dataset):
             if isinstance(image, MetaTensor):
                 image = image.as_tensor()
         row = self.data.case_row[self.patients[patient]]
-        tokens = torch.from_numpy(self.data.sequences.token_ids[row].astype(np.int64))
-        values = torch.from_numpy(self.data.sequences.values[row].astype(np.float32))
-        return image.float().contiguous(), tokens, values
+        tokens = self.data.sequences.token_ids[row].astype(np.int64)
+        values = self.data.sequences.values[row].astype(np.float32)
+        if self.gene_dropout > 0:
+            tokens, values = drop_genes(tokens, values, rate=self.gene_dropout,
+                                        rng=np.random.default_rng(int(gene_seed)))
+        return image.float().contiguous(), torch.from_numpy(tokens), torch.from_numpy(values)
+
+
+def drop_genes(tokens: np.ndarray, values: np.ndarray, *, rate: float,
+               rng: np.random.Generator, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Leave out each real gene token with probability `rate`, keeping the order of the rest.
+
+    The kept tokens close up and PADs fill the end, as the Mamba encoder needs; at least one
+    real token always stays. No single gene can then serve as a patient's fingerprint.
+    """
+    real = tokens != pad_id
+    keep = real & (rng.random(len(tokens)) >= rate)
+    if not keep.any() and real.any():
+        keep[np.flatnonzero(real)[0]] = True
+    order = np.concatenate([np.flatnonzero(keep), np.flatnonzero(~keep)])
+    out_tokens, out_values = tokens[order].copy(), values[order].copy()
+    out_tokens[keep.sum():] = pad_id
+    out_values[keep.sum():] = 0
+    return out_tokens, out_values

@@ -71,7 +71,8 @@ def pretrain(
     pairs = PatientPairs(data, data.items("train"), seed=settings["seed"],
                          augment=augmentation(modality=modality, intensity=opts["augment"],
                                               shift=opts["augment_shift"],
-                                              size=data.images.shape[-1]))
+                                              size=data.images.shape[-1]),
+                         gene_dropout=opts["gene_dropout"])
     val_pairs = PatientPairs(data, data.items("val"), seed=settings["seed"])
     batch_size = min(opts["batch_size"], len(pairs))
     if batch_size % world:
