@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mgi.errors import TrainingError
 from mgi.io import atomic_path, write_tsv
 
 # Parameter names of the gene fusion layers of mgi.models.SegmentationModel.
@@ -66,9 +65,10 @@ def make_fabric(opts: dict, *, log_dir: Path | None = None):
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import TensorBoardLogger
 
+    from mgi.train.build import pick_device
+
     accelerator = opts["device"]
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' requested (pretrain/finetune.device), no GPU is visible")
+    pick_device(accelerator)  # 'cuda' without a GPU stops here, with its message
     processes = opts["devices"] * opts["num_nodes"]
     loggers = [TensorBoardLogger(root_dir=log_dir, name="", version="")] if log_dir else []
     return Fabric(

@@ -54,7 +54,9 @@ def augmentation(*, modality: str, intensity: float, shift: float = 0.0,
 
     MRI slices are flipped left-right only (anatomy keeps its up-down orientation); WSI tiles
     are flipped both ways and rotated by multiples of 90 degrees. The jitter scales and shifts
-    intensities by up to `intensity` (per channel for WSI). None when `intensity` < 0.
+    intensities by up to `intensity` (per channel for WSI). With `shift` > 0, images of `size`
+    pixels are also moved by up to shift * size and turned by up to 0.15 rad. None when
+    `intensity` < 0.
     """
     if intensity < 0:
         return None

@@ -153,8 +153,8 @@ def pretrain(
                              "train/negatives": loss_fn.n_candidates}, step=state["step"])
             if opts["checkpoint_every"] and state["step"] % opts["checkpoint_every"] == 0:
                 checkpoint(epoch, index + 1)
-        val_loss = contrastive_loss(raw, eval_loss_fn, val_pairs, device=fabric.device)
-        val = case_retrieval(raw, data, "val", device=fabric.device)["gene_to_image"]
+        val_loss, val = validate(raw, eval_loss_fn, val_pairs, device=fabric.device)
+        val = val["gene_to_image"]
         row = {"epoch": epoch, "step": state["step"],
                "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
                "val_recall_at_1": val["recall@1"], "val_recall_at_5": val["recall@5"],
@@ -223,16 +223,24 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
 
 
 @torch.no_grad()
-def contrastive_loss(model: ClipModel, loss_fn: ClipLoss, pairs: PatientPairs, *,
-                     device: torch.device, rounds: int = 4) -> float:
-    """Mean CLIP loss of a split's patients over `rounds` fixed draws of one image each."""
+def validate(model: ClipModel, loss_fn: ClipLoss, pairs: PatientPairs, *, device: torch.device,
+             rounds: int = 4) -> tuple[float, dict]:
+    """Mean CLIP loss and patient retrieval of a split, from `rounds` fixed draws of one image per
+    patient (each patient's image embedding is the mean over its draws).
+
+    A cheap, fixed check for every epoch; the final scores (`case_retrieval`) use every image.
+    """
     model.eval()
-    losses = []
+    losses, image_feats = [], []
     for draw in range(rounds):
         batch = [pairs[(draw, p)] for p in range(len(pairs))]
         images, tokens, values = (torch.stack(t).to(device) for t in zip(*batch, strict=True))
-        losses.append(loss_fn(*model(images, tokens, values)).item())
-    return float(np.mean(losses))
+        image_f, gene_f, scale = model(images, tokens, values)
+        losses.append(loss_fn(image_f, gene_f, scale).item())
+        image_feats.append(image_f.float().cpu())
+    per_patient = torch.nn.functional.normalize(torch.stack(image_feats).mean(0), dim=-1)
+    scores = retrieval_metrics(per_patient, gene_f.float().cpu(), ks=RETRIEVAL_KS)
+    return float(np.mean(losses)), _by_direction(scores)
 
 
 @torch.no_grad()
