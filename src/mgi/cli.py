@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,13 +130,22 @@ def _splits(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
+    from mgi.train.launch import launch
     from mgi.train.pretrain import pretrain
 
+    settings = _settings(args.settings)
+    layout = settings["pretrain"]  # processes per node and nodes: the rule's resources win
+    if args.devices:
+        layout["devices"] = args.devices
+    if args.num_nodes:
+        layout["num_nodes"] = args.num_nodes
+    launch([sys.executable, "-m", "mgi.cli", *args.argv], processes_per_node=layout["devices"],
+           nodes=layout["num_nodes"], threads=args.threads)
     pretrain(
         sequences_path=Path(args.sequences),
         splits_path=Path(args.splits),
         qc_path=Path(args.qc),
-        settings=_settings(args.settings),
+        settings=settings,
         out_dir=Path(args.out_dir),
         threads=args.threads,
     )
@@ -267,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             p.add_argument("--variant", required=True)
             p.add_argument("--pretrained")
+        else:
+            p.add_argument("--devices", type=int, help="processes per node (pretrain.devices)")
+            p.add_argument("--num-nodes", type=int, help="nodes (pretrain.num_nodes)")
         p.add_argument("--sequences", required=True)
         p.add_argument("--splits", required=True)
         p.add_argument("--qc", required=True)
@@ -296,11 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mgi` command; stage errors are printed without a traceback."""
+    from mgi.train.launch import slurm_job
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if job := slurm_job(os.environ):
+        log.info("running in %s", job)
     try:
         args.func(args)
     except MgiError as err:

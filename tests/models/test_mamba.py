@@ -360,3 +360,34 @@ def test_bimamba_with_padding_mask_ignores_trailing_pads():
     )
     with pytest.raises(ValueError, match="trailing"):
         model(padded, padding_mask=mask.flip(1))
+
+
+def test_recompute_gives_the_same_output_and_gradients_and_keeps_less():
+    torch.manual_seed(0)
+    model = BiMamba(16, d_state=8)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    mask = torch.tensor([[False] * 40, [False] * 31 + [True] * 9])
+
+    def run():
+        y = model(x, padding_mask=mask)
+        grads = torch.autograd.grad(y.square().sum(), [x, *model.parameters()])
+        return y, grads
+
+    y_plain, grads_plain = run()
+    _, saved_plain = saved_tensors(lambda: model(x, padding_mask=mask))
+    for direction in (model.fwd, model.bwd):
+        direction.recompute = True
+    y_re, grads_re = run()
+    _, saved_re = saved_tensors(lambda: model(x, padding_mask=mask))
+
+    torch.testing.assert_close(y_re, y_plain, rtol=0, atol=0)
+    for g_re, g_plain in zip(grads_re, grads_plain, strict=True):
+        torch.testing.assert_close(g_re, g_plain, rtol=1e-6, atol=1e-7)
+
+    def per_token(saved):  # numbers kept per token, each storage once
+        kept = {t.untyped_storage().data_ptr(): t.numel() for t in saved if t.dim() >= 2}
+        return sum(kept.values()) / x.shape[:2].numel()
+
+    # recompute keeps the block input (each direction saves the same storage) and the mask
+    assert per_token(saved_re) <= x.shape[-1] + 1
+    assert per_token(saved_plain) > 5 * per_token(saved_re)

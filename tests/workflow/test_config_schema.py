@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,10 @@ def test_real_cohort_dag_is_planned_without_network(tmp_path: Path, cohort: str)
         assert rule in out
     assert f"results/{cohort}/" in out or f"data/{cohort}/" in out
     assert not (work / "data").exists()
+    # every file the plan reads, writes or logs to is in the cohort's own folders
+    planned = [path for line in out.splitlines()
+               if re.match(r" +(input|output|log): ", line)
+               for path in line.split(": ", 1)[1].split(", ") if path != "<TBD>"]
+    assert planned
+    for path in planned:
+        assert path.startswith((f"data/{cohort}/", f"results/{cohort}/", f"logs/{cohort}/")), path

@@ -43,8 +43,16 @@ def settings(*keys):
 
 
 def image_table():
-    """Rows of the acquired image table (images.tsv), read once per file version."""
-    path = getattr(checkpoints, IMAGE_TABLE).get().output.images
+    """Rows of the acquired image table (images.tsv), read once per file version.
+
+    A cluster job plans only itself, so there the checkpoint never counts as done and its
+    input functions would see placeholders (snakemake/snakemake#55); the job was submitted
+    after the checkpoint ran, so it reads the table where the checkpoint wrote it.
+    """
+    if workflow.remote_exec:
+        path = raw("images.tsv")
+    else:
+        path = getattr(checkpoints, IMAGE_TABLE).get().output.images
     return _read_image_table(path, os.path.getmtime(path))
 
 

@@ -19,10 +19,14 @@ rule pretrain:
     resources:
         mem_mb=8000,
         gpu=1,
+        # processes per node (one per GPU) and nodes; a profile may raise them (slurm does)
+        tasks_per_node=lookup(dpath="pretrain/devices", within=config),
+        nodes=lookup(dpath="pretrain/num_nodes", within=config),
     params:
         settings=settings("model", "pretrain", "imaging", "expression", "seed"),
         out_dir=folder_of("model"),
     shell:
         "mgi pretrain --sequences {input.sequences} --splits {input.splits} --qc {input.qc} "
         "--settings {params.settings:q} --out-dir {params.out_dir} "
+        "--devices {resources.tasks_per_node} --num-nodes {resources.nodes} "
         "--threads {threads} > {log} 2>&1"

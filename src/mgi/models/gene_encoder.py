@@ -40,6 +40,7 @@ class GeneEncoderConfig:
     dropout: float = 0.0
     embed_dim: int = 64
     scan_backend: str = "auto"
+    recompute: bool = False  # mamba: rerun each block in backward instead of storing it
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
@@ -89,7 +90,11 @@ class MambaResidualBlock(nn.Module):
     def __init__(self, cfg: GeneEncoderConfig) -> None:
         super().__init__()
         kwargs = dict(
-            d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, scan_backend=cfg.scan_backend
+            d_state=cfg.d_state,
+            d_conv=cfg.d_conv,
+            expand=cfg.expand,
+            scan_backend=cfg.scan_backend,
+            recompute=cfg.recompute,
         )
         self.norm = nn.RMSNorm(cfg.d_model)
         self.mixer = (

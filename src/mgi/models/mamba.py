@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +455,7 @@ class Mamba(nn.Module):
         dtype=None,
         *,
         scan_backend: str = "auto",
+        recompute: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -471,6 +473,7 @@ class Mamba(nn.Module):
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
+        self.recompute = recompute
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(
@@ -517,7 +520,16 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """Block output (B, L, d_model) for hidden_states (B, L, d_model); causal along L."""
+        """Block output (B, L, d_model) for hidden_states (B, L, d_model); causal along L.
+
+        With `recompute`, training keeps only hidden_states for the backward pass and runs the
+        block again there (torch.utils.checkpoint): mamba_ssm's fused path likewise recomputes
+        its conv and delta instead of storing them. Same numbers; in the gene encoder benchmark
+        less than half the peak memory for up to a third more time.
+        """
+        return _maybe_recompute(self.recompute, self._forward, hidden_states)
+
+    def _forward(self, hidden_states: Tensor) -> Tensor:
         return self.mix(self.in_proj(hidden_states))
 
     def mix(self, xz: Tensor) -> Tensor:
@@ -545,6 +557,13 @@ class Mamba(nn.Module):
             backend=self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))
+
+
+def _maybe_recompute(recompute: bool, function, *args):
+    """function(*args), under activation checkpointing when asked and autograd is recording."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def reverse_valid(x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -594,8 +613,13 @@ class BiMamba(nn.Module):
                 raise ValueError(
                     "BiMamba padding_mask must mark trailing PADs only (B, L, True = PAD)"
                 )
+        backward = _maybe_recompute(
+            self.bwd.recompute, self._backward_direction, hidden_states, padding_mask
+        )
+        return self.fwd(hidden_states) + backward
+
+    def _backward_direction(self, hidden_states: Tensor, padding_mask: Tensor | None) -> Tensor:
         # in_proj acts per token, so reversing its output equals projecting the reversed input,
         # and the graph keeps hidden_states once (both in_projs save it) instead of a reversed copy.
         xz_reversed = reverse_valid(self.bwd.in_proj(hidden_states), padding_mask)
-        backward = reverse_valid(self.bwd.mix(xz_reversed), padding_mask)
-        return self.fwd(hidden_states) + backward
+        return reverse_valid(self.bwd.mix(xz_reversed), padding_mask)

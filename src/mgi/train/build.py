@@ -31,6 +31,7 @@ def gene_config(settings: dict, *, vocab_size: int) -> GeneEncoderConfig:
         dropout=gene["dropout"],
         embed_dim=settings["model"]["embed_dim"],
         scan_backend=gene["scan_backend"],
+        recompute=gene["recompute"],
     )
 
 

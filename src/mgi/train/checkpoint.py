@@ -16,14 +16,27 @@ log = logging.getLogger(__name__)
 # Options that change how a run is executed, not what it computes: a checkpoint taken with other
 # values still resumes.
 EXECUTION_KEYS = ("devices", "num_nodes", "num_workers", "checkpoint_every", "device")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/mgi
+
+
+def code_digest(root: Path = PACKAGE_ROOT) -> bytes:
+    """SHA-256 over the package's Python sources (relative path and bytes of each, sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.digest()
 
 
 def run_fingerprint(settings: dict, *, stage: str, inputs: list[Path]) -> str:
-    """SHA-256 of the settings (execution-only keys of `stage` left out) and the input files."""
+    """SHA-256 of the settings (execution-only keys of `stage` left out), the input files and
+    the package's code: a rerun after a code change (DVC's or Snakemake's) starts afresh
+    instead of resuming the finished run's checkpoint."""
     kept = json.loads(json.dumps(settings))
     for key in EXECUTION_KEYS:
         kept.get(stage, {}).pop(key, None)
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
+    digest.update(code_digest())
     for path in inputs:
         with open(path, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())

@@ -1,0 +1,73 @@
+"""Two cohorts in one working copy, run at the same time: each finishes, and nothing collides.
+
+Each cohort is a config file given after config.yaml (`--configfile`), as the shipped cohorts are.
+Two Snakemake processes share the folder and its .snakemake/; Snakemake locks the files a run
+reads and writes, so a path the two cohorts had in common would stop the second run as well.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import TINY_CONFIG, env, make_workdir, run
+
+pytestmark = pytest.mark.slow
+
+# Small and different: another seed, another slice count, another fine-tuning variant; one
+# variant and one epoch each (every training job is a torch and MONAI start of its own).
+COHORTS = {
+    "cohort-one": {"seed": 1, "pretrain": {"epochs": 1},
+                   "finetune": {"variants": ["mgi"], "epochs": 1}},
+    "cohort-two": {"seed": 2, "synthetic": {"slices": 4},
+                   "finetune": {"variants": ["vit_scratch"], "epochs": 1}},
+}
+FOLDERS = ("data", "results", "logs")
+
+
+def _tree(root: Path) -> set[str]:
+    """Every file under `root`, Snakemake's own bookkeeping left out."""
+    return {str(path.relative_to(root)) for path in root.rglob("*")
+            if path.is_file() and ".snakemake" not in path.relative_to(root).parts}
+
+
+def test_two_cohorts_run_side_by_side_without_colliding(tmp_path: Path):
+    work = make_workdir(tmp_path, TINY_CONFIG)
+    (work / "cohorts").mkdir()
+    for cohort, overrides in COHORTS.items():
+        (work / f"cohorts/{cohort}.yaml").write_text(
+            yaml.safe_dump({"cohort": cohort, **overrides}))
+    before = _tree(work)
+
+    procs = {cohort: subprocess.Popen(
+        ["snakemake", "--cores", "1", "--configfile", f"cohorts/{cohort}.yaml"], cwd=work,
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cohort in COHORTS}
+    outputs = {cohort: proc.communicate(timeout=1200)[0] for cohort, proc in procs.items()}
+    for cohort, proc in procs.items():
+        assert proc.returncode == 0, f"{cohort} failed:\n{outputs[cohort][-6000:]}"
+
+    # every new file lies in one cohort's own folders, and each cohort has its three
+    for folder in FOLDERS:
+        assert {p.name for p in (work / folder).iterdir()} == set(COHORTS), folder
+    for path in _tree(work) - before:
+        assert path.split("/")[0] in FOLDERS and path.split("/")[1] in COHORTS, path
+    for cohort, other in zip(COHORTS, reversed(list(COHORTS)), strict=True):
+        report = work / "results" / cohort / "report"
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert metrics["cohort"] == cohort
+        assert set(metrics["segmentation"]) == set(COHORTS[cohort]["finetune"]["variants"])
+        html = (report / "report.html").read_text()
+        assert cohort in html and other not in html
+        # each cohort's raw data is its own (another seed), not the other's copied over
+        manifest = (work / "data" / cohort / "raw/manifest.tsv").read_text()
+        assert manifest != (work / "data" / other / "raw/manifest.tsv").read_text()
+    # neither run made the other's results stale
+    for cohort in COHORTS:
+        dry = run(["snakemake", "--cores", "1", "-n", "--configfile", f"cohorts/{cohort}.yaml"],
+                  work)
+        assert "Nothing to be done" in dry.stdout + dry.stderr, cohort
