@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint bench dvc-repro dvc-pull clean
+.PHONY: demo test browser lint bench dvc-repro dvc-pull clean
 
 $(VENV)/.installed: pyproject.toml envs/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,24 @@ $(VENV)/.installed-bench: $(VENV)/.installed envs/requirements-bench.txt
 demo: $(VENV)/.installed
 	$(BIN)/snakemake --cores all
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the test that opens the report as a user would (playwright drives the
+# system browser; its own download is not used). Installed with apt where this runs as root (CI
+# does); otherwise the test skips, saying why, unless MGI_REQUIRE_BROWSER=1 (.ci/run sets it).
+BROWSERS := chromium-headless-shell chromium chromium-browser google-chrome
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium-headless-shell \
+	  || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium-headless-shell; } \
+	  || echo "make browser: apt-get could not install chromium-headless-shell" >&2; \
+	else \
+	  echo "make browser: no Chromium found and not root: the report's browser test will skip" \
+	    "(install Debian's chromium-headless-shell, or set MGI_BROWSER to a Chromium binary)" >&2; \
+	fi
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

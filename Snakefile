@@ -8,6 +8,9 @@ Run the embedded demo with `snakemake --cores all`; a real cohort with
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 

@@ -178,6 +178,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         patients_path=Path(args.patients),
         slices_path=Path(args.slices),
         predictions_path=Path(args.predictions),
+        predictions_dir=Path(args.predictions_dir) if args.predictions_dir else None,
+        status_path=Path(args.status) if args.status else None,
         threads=args.threads,
     )
 
@@ -191,6 +193,28 @@ def _report(args: argparse.Namespace) -> None:
         settings=_settings(args.settings),
         metrics_path=Path(args.metrics),
         html_path=Path(args.html),
+        attribution_path=Path(args.attribution) if args.attribution else None,
+        attribution_summary_path=(Path(args.attribution_summary) if args.attribution_summary
+                                  else None),
+        figures_dir=Path(args.figures) if args.figures else None,
+    )
+
+
+def _attribute(args: argparse.Namespace) -> None:
+    from mgi.evaluate.attribution import gene_attribution
+
+    gene_attribution(
+        model_path=Path(args.model),
+        sequences_path=Path(args.sequences),
+        vocab_path=Path(args.vocab),
+        splits_path=Path(args.splits),
+        qc_path=Path(args.qc),
+        table_path=Path(args.out),
+        summary_path=Path(args.summary),
+        planted_path=Path(args.planted) if args.planted else None,
+        splits=args.split,
+        n_steps=args.steps,
+        threads=args.threads,
     )
 
 
@@ -295,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True)
     p.add_argument("--patients", required=True)
     p.add_argument("--slices", required=True)
-    p.add_argument("--predictions", required=True)
+    p.add_argument("--predictions", required=True, help="probabilities of every test item (HDF5)")
+    p.add_argument("--predictions-dir",
+                   help="masks per test patient (NIfTI / PNG) [predictions/ beside --patients]")
+    p.add_argument("--status", help="status.json of the variant [beside --patients]")
     p.add_argument("--threads", type=int, default=1)
 
     p = command("report", _report, "metrics.json and the self-contained report.html")
@@ -304,6 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--html", required=True)
+    p.add_argument("--attribution", help="gene attribution table (mgi attribute --out)")
+    p.add_argument("--attribution-summary", help="its summary (mgi attribute --summary)")
+    p.add_argument("--figures", help="folder for the report's figures as PNG files")
+
+    p = command("attribute", _attribute,
+                "which genes the pre-trained image-gene similarity leans on (Integrated Gradients)")
+    p.add_argument("--model", required=True, help="pre-training checkpoint (pretrain/model.pt)")
+    p.add_argument("--sequences", required=True)
+    p.add_argument("--vocab", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--qc", required=True)
+    p.add_argument("--planted", help="synthetic cohorts: the planted genes (synthetic_genes.tsv)")
+    p.add_argument("--split", nargs="+", default=["val", "test"],
+                   choices=["train", "val", "test"], help="patients attributed (held-out)")
+    p.add_argument("--steps", type=int, default=64, help="integration steps")
+    p.add_argument("--out", required=True, help="per-gene table (TSV)")
+    p.add_argument("--summary", required=True, help="method, patients, completeness (JSON)")
+    p.add_argument("--threads", type=int, default=1)
     return parser
 
 

@@ -64,3 +64,30 @@ def read_tsv(path: str | os.PathLike[str], *, required: list[str] | None = None)
     if missing:
         raise MgiError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
     return frame
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    On error the temporary folder is removed and any existing folder at `path` is left as it was.
+    """
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = tmp.with_name(f"{tmp.name}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

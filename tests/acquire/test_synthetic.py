@@ -336,6 +336,8 @@ def test_rewrite_replaces_the_previous_cohort(tmp_path: Path) -> None:
     for case_dir in (out / "radiology").iterdir():
         assert len(list(case_dir.iterdir())) == 3  # no stale series from the first write
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no staging folders left
+    # the layout the synthesize rule declares, slides/ included, holds without slides too
+    assert (out / "slides").is_dir() and not any((out / "slides").iterdir())
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_cohort(tmp_path: Path) -> None:

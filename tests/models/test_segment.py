@@ -168,3 +168,26 @@ def test_freeze_encoder_toggles_requires_grad():
         "proj.weight",
         "proj.bias",
     }
+
+
+def test_unet_baseline_keeps_the_input_size_and_takes_no_genes():
+    from mgi.models.segment import UNetConfig, UNetSegmentation
+
+    model = UNetSegmentation(UNetConfig(in_chans=3, img_size=32, channels=(4, 8, 16),
+                                        strides=(2, 2), num_res_units=1)).eval()
+    images, ids, values = inputs()
+    with torch.no_grad():
+        assert model(images).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="no gene inputs"):
+        model(images, ids, values)
+
+
+@pytest.mark.parametrize("channels, strides, named", [
+    ((4, 8, 16), (2,), "one stride per down-sampling step"),
+    ((4, 8, 16), (2, 3), "must divide the image size 32"),
+])
+def test_unet_config_refuses_strides_that_do_not_fit(channels, strides, named):
+    from mgi.models.segment import UNetConfig
+
+    with pytest.raises(ValueError, match=named):
+        UNetConfig(in_chans=1, img_size=32, channels=channels, strides=strides)

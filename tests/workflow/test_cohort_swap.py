@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 
 # Small and different: another seed, another slice count, another fine-tuning variant; one
 # variant and one epoch each (every training job is a torch and MONAI start of its own).
+# MRI only (no slides to tile): the collisions to catch are between cohorts, not modalities.
 COHORTS = {
-    "cohort-one": {"seed": 1, "pretrain": {"epochs": 1},
+    "cohort-one": {"seed": 1, "synthetic": {"n_slides": 0}, "pretrain": {"epochs": 1},
                    "finetune": {"variants": ["mgi"], "epochs": 1}},
-    "cohort-two": {"seed": 2, "synthetic": {"slices": 4},
+    "cohort-two": {"seed": 2, "synthetic": {"slices": 4, "n_slides": 0},
                    "finetune": {"variants": ["vit_scratch"], "epochs": 1}},
 }
 FOLDERS = ("data", "results", "logs")

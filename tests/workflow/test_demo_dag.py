@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +43,38 @@ def test_whole_dag_writes_report_and_metrics(finished_run: Path):
     assert html.count("data:image/png;base64,") >= 5
     assert "src=\"http" not in html
     assert "published, not measured here" in html
+
+
+def test_gene_attribution_is_complete_and_checked_against_the_planted_genes(finished_run: Path):
+    report = finished_run / "results/tiny/report"
+    table = pd.read_csv(report / "gene_attribution.tsv", sep="\t", keep_default_na=False)
+    summary = json.loads((report / "gene_attribution.json").read_text())
+    assert summary["n_patients"] == 4 and summary["splits"] == ["val", "test"]  # held out
+    assert summary["planted_truth"] and summary["max_abs_delta"] < 1e-2
+    assert table["mean_abs"].is_monotonic_decreasing and (table["n_patients"] > 0).all()
+    planted = pd.read_csv(finished_run / "data/tiny/raw/synthetic_genes.tsv", sep="\t")
+    marked = table.loc[table["planted"] != "", "gene_name"]
+    assert set(marked) <= set(planted["gene_name"]) and len(marked) > 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["attribution"]["planted_in_top_k"] == (table["planted"][:20] != "").sum()
+
+
+def test_snakemake_report_bundles_the_report_metrics_and_figures(finished_run: Path):
+    run(["snakemake", "--cores", "1", "--report", "report.zip"], finished_run)
+    with zipfile.ZipFile(finished_run / "report.zip") as bundle:
+        files = {Path(n).name for n in bundle.namelist() if n.startswith("report/data/raw/")}
+        page = bundle.read("report/report.html").decode()
+    assert {"report.html", "metrics.json", "gene_attribution.tsv", "pretrain_curves.png",
+            "finetune_curves.png", "dice.png", "gene_attribution.png"} <= files
+    assert "MGI on cohort" in page  # workflow/report/workflow.rst, with the config filled in
+
+
+def test_demo_report_opens_in_headless_chromium(finished_run: Path):
+    from ..evaluate.test_report_browser import check_report, open_report
+    from .conftest import TINY_CONFIG
+
+    seen = open_report(finished_run / "results/tiny/report/report.html")
+    check_report(seen, variants=TINY_CONFIG["finetune"]["variants"])
 
 
 def test_every_stage_left_its_artifacts(finished_run: Path):

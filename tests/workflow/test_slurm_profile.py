@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import REPO, env
 
-TRAINING = {"pretrain", "finetune"}
+TRAINING = {"pretrain", "pretrain_ablation", "finetune"}
 
 
 class Resources(dict):

@@ -1,5 +1,6 @@
 """Config validation, path helpers and input functions shared by every stage."""
 
+import copy
 import functools
 import json
 import os
@@ -117,6 +118,25 @@ def stain_option(wildcards, input):
     return f"--stain-reference {input.stain}" if "stain" in input.keys() else ""
 
 
+# model.gene_encoder.kind's enum; variant mgi_{kind} is the gene-encoder ablation of that kind
+GENE_ENCODER_KINDS = ("mamba", "transformer", "mlp")
+PRETRAIN_SECTIONS = ("model", "pretrain", "imaging", "expression", "seed")
+
+
+def pretraining_of(variant):
+    """The pre-trained checkpoint a variant starts from, or None for the scratch variants.
+
+    mgi* variants start from the main pre-training, except a gene-encoder ablation mgi_{kind}
+    whose kind is not model.gene_encoder.kind: it starts from pretrain/ablation/{kind}/.
+    """
+    if not variant.startswith("mgi"):
+        return None
+    kind = variant.removeprefix("mgi_")
+    if kind in GENE_ENCODER_KINDS and kind != config["model"]["gene_encoder"]["kind"]:
+        return results(f"pretrain/ablation/{kind}/model.pt")
+    return results("pretrain/model.pt")
+
+
 def variant_inputs(wildcards):
     """Inputs of one fine-tuning variant: pre-trained weights only for variants that use them."""
     inputs = {
@@ -124,9 +144,17 @@ def variant_inputs(wildcards):
         "splits": results("splits.tsv"),
         "qc": results("images/qc.tsv"),
     }
-    if wildcards.variant.startswith("mgi"):
-        inputs["pretrained"] = results("pretrain/model.pt")
+    pretrained = pretraining_of(wildcards.variant)
+    if pretrained:
+        inputs["pretrained"] = pretrained
     return inputs
+
+
+def ablation_settings(wildcards):
+    """The pre-training settings (as `settings(*PRETRAIN_SECTIONS)`) with gene encoder {kind}."""
+    sections = {key: copy.deepcopy(config[key]) for key in PRETRAIN_SECTIONS}
+    sections["model"]["gene_encoder"]["kind"] = wildcards.kind
+    return json.dumps(sections, sort_keys=True)
 
 
 def pretrained_option(wildcards, input):
@@ -150,6 +178,18 @@ def sequence_inputs(wildcards):
 def gtf_option(wildcards, input):
     """`--gtf <file>` when the sequences read gene positions, else nothing."""
     return f"--gtf {input.gtf}" if "gtf" in input.keys() else ""
+
+
+def planted_genes(wildcards):
+    """The synthetic cohort's planted genes (checked against the gene attribution), else nothing."""
+    if config["source"] == "synthetic":
+        return {"planted": raw("synthetic_genes.tsv")}
+    return {}
+
+
+def planted_option(wildcards, input):
+    """`--planted <tsv>` for a synthetic cohort, else nothing."""
+    return f"--planted {input.planted}" if "planted" in input.keys() else ""
 
 
 def gtf_settings():

@@ -2,7 +2,7 @@
 
 
 rule finetune:
-    """One variant (mgi, mgi_image_only, vit_scratch) trained by the same code on the same splits."""
+    """One variant (finetune.variants) trained by the same code on the same splits."""
     input:
         unpack(variant_inputs),
     output:
@@ -31,7 +31,7 @@ rule finetune:
 
 
 rule evaluate:
-    """Dice, IoU and HD95 per slice and per patient on the test split, with predictions kept."""
+    """Dice, IoU and HD95 per slice and per patient on the test split, masks per patient, status."""
     input:
         model=results("finetune/{variant}/model.pt"),
         sequences=results("expression/sequences.npz"),
@@ -41,6 +41,8 @@ rule evaluate:
         patients=results("finetune/{variant}/test_patients.tsv"),
         slices=results("finetune/{variant}/test_slices.tsv"),
         predictions=results("finetune/{variant}/test_predictions.h5"),
+        masks=directory(results("finetune/{variant}/predictions")),
+        status=results("finetune/{variant}/status.json"),
     log:
         logs("evaluate/{variant}.log"),
     wildcard_constraints:
@@ -56,4 +58,5 @@ rule evaluate:
         "mgi evaluate --model {input.model} --sequences {input.sequences} "
         "--splits {input.splits} --qc {input.qc} --settings {params.settings:q} "
         "--patients {output.patients} --slices {output.slices} "
-        "--predictions {output.predictions} --threads {threads} > {log} 2>&1"
+        "--predictions {output.predictions} --predictions-dir {output.masks} "
+        "--status {output.status} --threads {threads} > {log} 2>&1"

@@ -23,7 +23,39 @@ rule pretrain:
         tasks_per_node=lookup(dpath="pretrain/devices", within=config),
         nodes=lookup(dpath="pretrain/num_nodes", within=config),
     params:
-        settings=settings("model", "pretrain", "imaging", "expression", "seed"),
+        settings=settings(*PRETRAIN_SECTIONS),
+        out_dir=folder_of("model"),
+    shell:
+        "mgi pretrain --sequences {input.sequences} --splits {input.splits} --qc {input.qc} "
+        "--settings {params.settings:q} --out-dir {params.out_dir} "
+        "--devices {resources.tasks_per_node} --num-nodes {resources.nodes} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule pretrain_ablation:
+    """The same pre-training with another gene encoder, for the gene-encoder ablation variants."""
+    input:
+        sequences=results("expression/sequences.npz"),
+        splits=results("splits.tsv"),
+        qc=results("images/qc.tsv"),
+    output:
+        model=results("pretrain/ablation/{kind}/model.pt"),
+        history=results("pretrain/ablation/{kind}/history.tsv"),
+        retrieval=results("pretrain/ablation/{kind}/retrieval.json"),
+    log:
+        logs("pretrain_ablation/{kind}.log"),
+    wildcard_constraints:
+        kind="|".join(GENE_ENCODER_KINDS),
+    conda:
+        ENV
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        gpu=1,
+        tasks_per_node=lookup(dpath="pretrain/devices", within=config),
+        nodes=lookup(dpath="pretrain/num_nodes", within=config),
+    params:
+        settings=ablation_settings,
         out_dir=folder_of("model"),
     shell:
         "mgi pretrain --sequences {input.sequences} --splits {input.splits} --qc {input.qc} "

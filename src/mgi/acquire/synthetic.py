@@ -234,6 +234,7 @@ def _write_all(root: Path, config: SyntheticCohortConfig) -> None:
     for case in tqdm(cases, desc="synthetic cases", unit="case", disable=None):
         manifest.append(_write_expression(root, case, genes, config))
         images.append(_write_radiology(root, case, config))
+    (root / "slides").mkdir(exist_ok=True)  # the layout is the same without slides (n_slides 0)
     for case in tqdm(cases[: config.n_slides], desc="synthetic slides", unit="slide",
                      disable=None):
         row, image = _write_slide(root, case, config)

@@ -63,19 +63,44 @@ def dice_by_variant(patients: dict[str, pd.DataFrame], intervals: dict[str, tupl
     """Per-patient test Dice of each variant (dots, lines join a patient) with mean and 95% CI."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(patients), 3.4))
     variants = list(patients)
-    cases = sorted(set.intersection(*(set(p["case_id"]) for p in patients.values())))
-    table = np.array([[patients[v].set_index("case_id").loc[c, "dice"] for v in variants]
-                      for c in cases])
-    for row in table:
-        ax.plot(range(len(variants)), row, color="lightgrey", zorder=1)
+    dice = {v: patients[v].set_index("case_id")["dice"] for v in variants}
+    cases = sorted(set.intersection(*(set(d.index) for d in dice.values())))
+    for case in cases:
+        ax.plot(range(len(variants)), [dice[v].loc[case] for v in variants], color="lightgrey",
+                zorder=1)
     for i, variant in enumerate(variants):
-        ax.scatter(np.full(len(table), i), table[:, i], s=14, zorder=2)
+        values = dice[variant].to_numpy(dtype=float)
+        ax.scatter(np.full(len(values), i), values, s=14, zorder=2)
         lo, hi = intervals[variant]
-        mean = np.nanmean(table[:, i])
-        ax.errorbar(i + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color="black",
-                    capsize=4, zorder=3)
-    ax.set_xticks(range(len(variants)), variants)
+        if np.isfinite(values).any() and np.isfinite([lo, hi]).all():
+            mean = np.nanmean(values)
+            ax.errorbar(i + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", color="black",
+                        capsize=4, zorder=3)
+    ax.set_xticks(range(len(variants)), variants, rotation=20 if len(variants) > 3 else 0)
     ax.set(ylabel="3D Dice per test patient", ylim=(0, 1.02), title="Segmentation")
+    return _png(fig)
+
+
+def gene_attribution(top: pd.DataFrame) -> bytes:
+    """The top genes' mean |attribution| (bars, planted genes coloured) and signed mean (dots)."""
+    top = top.iloc[::-1]  # the first gene on top
+    planted = top["planted"].astype(str)
+    colours = {"": "#8a8a8a", "subtype": "#c0392b", "burden": "#2471a3"}
+    fig, ax = plt.subplots(figsize=(6.4, 0.8 + 0.26 * len(top)))
+    y = np.arange(len(top))
+    ax.barh(y, top["mean_abs"], color=[colours.get(p, "#7d3c98") for p in planted])
+    ax.scatter(top["mean_signed"], y, color="black", s=10, zorder=3, label="signed mean")
+    ax.axvline(0, color="black", linewidth=0.6)
+    labels = [f"{name} ({p})" if p else str(name)
+              for name, p in zip(top["gene_name"], planted, strict=True)]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set(xlabel="attribution to the image–gene similarity (mean |IG| over patients)",
+           title="Genes the aligned embedding leans on")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for p, c in colours.items()
+               if p and (planted == p).any()]
+    names = [f"planted: {p}" for p in colours if p and (planted == p).any()]
+    ax.legend([*handles, ax.collections[0]], [*names, "signed mean"], fontsize=7,
+              loc="lower right")
     return _png(fig)
 
 

@@ -1,4 +1,10 @@
-"""metrics.json (for `dvc metrics`) and a self-contained report.html of one cohort's run."""
+"""metrics.json (for `dvc metrics`) and a self-contained report.html of one cohort's run.
+
+Each variant's evaluation writes `finetune/{variant}/status.json`: {"variant", "status": "ok",
+...} or {"variant", "status": "failed", "stage", "error"}. A failed variant stays in the report
+as a row that says so; its curves, overlays and comparisons are left out. Results from before
+status files existed (no status.json) count as ok.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ import base64
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +25,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from mgi.errors import MgiError
 from mgi.evaluate import plots
 from mgi.evaluate.stats import bootstrap_ci, paired_comparison
 from mgi.imaging.bank import read_bank
@@ -29,7 +38,57 @@ PUBLISHED_ANCHORS = [
     {"model": "MGI (Zhou et al. 2024)", "dice": "0.901", "source": "paper, TCGA-LGG"},
     {"model": "U-Net (Buda et al. 2019)", "dice": "0.82–0.84", "source": "paper, TCGA-LGG FLAIR"},
 ]
-BASELINE_ORDER = ["mgi_image_only", "vit_scratch"]
+# The order of the variant table and of the comparisons with mgi (listed first); variants not
+# named here follow in the order of the config.
+BASELINE_ORDER = ["mgi_image_only", "vit_scratch", "unet_scratch",
+                  "mgi_mamba", "mgi_transformer", "mgi_mlp"]
+TOP_GENES = 20  # genes shown in the attribution chart and table, and scored against the truth
+# How the metrics treat slices and patients without tumour (mgi.evaluate.metrics), in words.
+EMPTY_MASKS = (
+    "A slice whose truth mask is empty scores Dice 1 and IoU 1 when the prediction is empty too, "
+    "and 0 when any pixel is predicted (MONAI's ignore_empty=False); HD95 is undefined for it, "
+    "and for an empty prediction, and such slices are left out of the HD95 means. The primary "
+    "score is the 3D Dice over all slices of a patient (as Buda et al. scored TCGA-LGG), so "
+    "slices without tumour count through their false-positive pixels rather than as a Dice of "
+    "their own."
+)
+
+
+def ordered_variants(variants: list[str]) -> list[str]:
+    """mgi first, then the known baselines in BASELINE_ORDER, then the rest as configured."""
+    known = [v for v in ["mgi", *BASELINE_ORDER] if v in variants]
+    return known + [v for v in variants if v not in known]
+
+
+def load_status(results_dir: Path, variants: list[str]) -> dict[str, dict]:
+    """Each variant's status.json ({"status": "ok"} where there is none, as in older results)."""
+    status = {}
+    for variant in variants:
+        path = results_dir / "finetune" / variant / "status.json"
+        if not path.exists():
+            status[variant] = {"variant": variant, "status": "ok"}
+            continue
+        try:
+            entry = json.loads(path.read_text())
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            entry = {"status": "failed", "stage": "report", "error": f"{path}: unreadable ({err})"}
+        entry = {"variant": variant, **entry}
+        if entry.get("status") != "ok":
+            entry["status"] = "failed"
+            entry.setdefault("error", "no error message recorded")
+        status[variant] = entry
+    return status
+
+
+def load_patients(results_dir: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
+    """Each variant's per-patient test metrics, numeric (an empty HD95 is NaN)."""
+    patients = {v: read_tsv(results_dir / "finetune" / v / "test_patients.tsv") for v in variants}
+    for table in patients.values():
+        for key in ("dice", "iou", "hd95"):
+            table[key] = pd.to_numeric(table[key].mask(table[key] == ""))  # "" = NaN
+    return patients
 
 
 def _metric_summary(patients: pd.DataFrame, *, n_boot: int) -> dict:
@@ -43,20 +102,53 @@ def _metric_summary(patients: pd.DataFrame, *, n_boot: int) -> dict:
     return summary
 
 
-def load_patients(results_dir: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
-    """Each variant's per-patient test metrics, numeric (an empty HD95 is NaN)."""
-    patients = {v: read_tsv(results_dir / "finetune" / v / "test_patients.tsv") for v in variants}
-    for table in patients.values():
-        for key in ("dice", "iou", "hd95"):
-            table[key] = pd.to_numeric(table[key].replace("", "nan"))
-    return patients
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def comparison_finding(baseline: str, c: dict) -> str:
+    """One sentence stating what the paired comparison of mgi with `baseline` shows."""
+    name = f"mgi − {baseline}"
+    if not c.get("available", True):
+        return f"{name}: not available ({c['reason']})."
+    n = c["n_patients"]
+    if n == 0:
+        return f"{name}: no test patient scored by both, not compared."
+    lo, hi = c["dice_diff_ci_low"], c["dice_diff_ci_high"]
+    if lo > 0:
+        verdict = "mgi better (interval above zero)"
+    elif hi < 0:
+        verdict = "mgi worse (interval below zero)"
+    else:
+        verdict = "no difference shown"
+    small = (" (with under 6 patients the Wilcoxon test cannot reach p < 0.05)"
+             if n < 6 else "")
+    return (f"{name}: Dice {_signed(c['dice_mean_diff'])} [{_signed(lo)}, {_signed(hi)}], "
+            f"Wilcoxon {_p(c['p_wilcoxon'])}: {verdict} on n = {n} patients{small}.")
 
 
 def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
-                  patients: dict[str, pd.DataFrame], n_boot: int) -> dict:
-    """The numbers of the report: split sizes, retrieval, per-variant metrics and comparisons."""
-    variants = list(patients)
+                  patients: dict[str, pd.DataFrame], n_boot: int,
+                  status: dict[str, dict] | None = None) -> dict:
+    """The numbers of the report: split sizes, retrieval, per-variant metrics and comparisons.
+
+    `patients` holds the variants that were scored; `status` (default: all of `patients` ok)
+    names every configured variant, failed ones included.
+    """
+    status = status or {v: {"variant": v, "status": "ok"} for v in patients}
+    variants = ordered_variants(list(status))
     test = retrieval["test"]
+    segmentation = {}
+    for v in variants:
+        if status[v]["status"] == "ok" and v in patients:
+            segmentation[v] = {"status": "ok", **_metric_summary(patients[v], n_boot=n_boot)}
+        else:
+            segmentation[v] = {"status": "failed", "stage": status[v].get("stage", "finetune"),
+                               "error": status[v].get("error", "no test results")}
     metrics = {
         "cohort": cohort,
         "patients": {s: int((splits["split"] == s).sum()) for s in ("train", "val", "test")},
@@ -68,20 +160,55 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
             **{f"image_to_gene_{k.replace('@', '_at_')}": v
                for k, v in test["image_to_gene"].items()},
         },
-        "segmentation": {v: _metric_summary(p, n_boot=n_boot) for v, p in patients.items()},
+        "segmentation": segmentation,
         "comparison": {},
     }
-    if "mgi" in patients:
-        mgi = patients["mgi"].set_index("case_id")
+    if "mgi" in variants:
         for baseline in [v for v in variants if v != "mgi"]:
-            other = patients[baseline].set_index("case_id").reindex(mgi.index)
-            paired = paired_comparison(mgi["dice"].to_numpy(), other["dice"].to_numpy(),
-                                       n_boot=n_boot)
-            metrics["comparison"][f"mgi_vs_{baseline}"] = {
-                "dice_mean_diff": paired["mean_diff"], "dice_diff_ci_low": paired["ci"][0],
-                "dice_diff_ci_high": paired["ci"][1], "p_wilcoxon": paired["p_wilcoxon"],
-                "n_patients": paired["n"]}
+            failed = [v for v in ("mgi", baseline) if segmentation[v]["status"] != "ok"]
+            if failed:
+                entry = {"available": False,
+                         "reason": " and ".join(f"{v} failed" for v in failed)}
+            else:
+                mgi = patients["mgi"].set_index("case_id")
+                other = patients[baseline].set_index("case_id").reindex(mgi.index)
+                paired = paired_comparison(mgi["dice"].to_numpy(), other["dice"].to_numpy(),
+                                           n_boot=n_boot)
+                entry = {"available": True,
+                         "dice_mean_diff": paired["mean_diff"], "dice_diff_ci_low": paired["ci"][0],
+                         "dice_diff_ci_high": paired["ci"][1], "p_wilcoxon": paired["p_wilcoxon"],
+                         "n_patients": paired["n"]}
+            entry["finding"] = comparison_finding(baseline, entry)
+            metrics["comparison"][f"mgi_vs_{baseline}"] = entry
     return metrics
+
+
+def retrieval_finding(retrieval: dict) -> str:
+    """One sentence on whether pre-training's alignment carries over to the test patients."""
+    test = retrieval["test"]
+    g2i = test["gene_to_image"]
+    p = g2i.get("p_recall@1", float("nan"))
+    shown = ("the alignment carries over to held-out patients" if p < 0.05
+             else "alignment on held-out patients not shown")
+    return (f"Pre-training: test gene → image recall@1 {g2i['recall@1']:.2f} against chance "
+            f"{g2i['chance@1']:.2f} (permutation {_p(p)}, n = {test['n_patients']} patients): "
+            f"{shown}.")
+
+
+def attribution_finding(summary: dict, table: pd.DataFrame, enrichment: dict | None) -> str:
+    """One sentence on the genes the aligned embedding leans on (against the truth if known)."""
+    top = ", ".join(table["gene_name"].astype(str).head(3))
+    where = f"over {summary['n_patients']} held-out patients"
+    if enrichment is None:
+        return (f"Gene attribution {where}: the embedding leans most on {top}; this cohort has "
+                "no known truth to check them against.")
+    verdict = ("more than chance" if enrichment["p_hypergeometric"] < 0.05
+               else "not more than chance")
+    return (f"Gene attribution {where}: {enrichment['planted_in_top_k']} of the top "
+            f"{enrichment['top_k']} genes are planted, against "
+            f"{enrichment['expected_by_chance']:.1f} expected by chance "
+            f"({enrichment['planted_scored']} planted among {enrichment['genes_scored']} scored "
+            f"genes, hypergeometric {_p(enrichment['p_hypergeometric'])}): {verdict}.")
 
 
 def _b64(png: bytes) -> str:
@@ -96,7 +223,8 @@ def _run_facts(training_device: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     versions = {}
-    for package in ("mgi", "torch", "timm", "monai", "scanpy", "snakemake", "openslide-python"):
+    for package in ("mgi", "torch", "timm", "monai", "captum", "scanpy", "snakemake",
+                    "openslide-python"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -114,20 +242,38 @@ def _display_slice(image: np.ndarray, channel: int) -> np.ndarray:
     return image[channel].astype(np.float32)
 
 
-def _overlays(results_dir: Path, variants: list[str], mgi_patients: pd.DataFrame) -> list[dict]:
-    """Best, median and worst test patients of the first variant: their largest-tumour slice."""
+def _read_predictions(path: Path) -> tuple | None:
+    """(image ids, item indices, probabilities, threshold) of a predictions file, or None."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if "probabilities" not in h5 or not len(h5["probabilities"]):
+                return None
+            return (h5["image_id"][:].astype(str), h5["index"][:], h5["probabilities"][:],
+                    float(h5.attrs["threshold"]))
+    except (OSError, KeyError) as err:
+        log.warning("%s: no predictions to overlay (%s)", path, err)
+        return None
+
+
+def _overlays(results_dir: Path, variants: list[str], ranked_by: pd.DataFrame) -> list[dict]:
+    """Best, median and worst test patients of one variant: their largest-tumour slice, with
+    the prediction of every (scored) variant."""
+    if ranked_by.empty:
+        return []
     qc = read_tsv(results_dir / "images" / "qc.tsv")
-    ranked = mgi_patients.sort_values("dice", kind="stable").reset_index(drop=True)
-    picks = {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}
+    ranked = ranked_by.sort_values("dice", kind="stable").reset_index(drop=True)
+    picks = {"best": len(ranked) - 1, "median": len(ranked) // 2, "worst": 0}
     predictions = {}
     for variant in variants:
-        with h5py.File(results_dir / "finetune" / variant / "test_predictions.h5", "r") as h5:
-            predictions[variant] = (h5["image_id"][:].astype(str), h5["index"][:],
-                                    h5["probabilities"][:], float(h5.attrs["threshold"]))
+        found = _read_predictions(results_dir / "finetune" / variant / "test_predictions.h5")
+        if found is not None:
+            predictions[variant] = found
     figures = []
     for label, row in picks.items():
         case = ranked.loc[row, "case_id"]
         image_ids = qc[(qc["case_id"] == case) & (qc["status"] == "ok")]["image_id"]
+        if image_ids.empty:
+            continue
         image_id = image_ids.iloc[0]
         bank = read_bank(results_dir / "images" / f"{image_id}.h5")
         if bank.masks is None:
@@ -149,46 +295,155 @@ def _overlays(results_dir: Path, variants: list[str], mgi_patients: pd.DataFrame
     return figures
 
 
+def _history(path: Path) -> pd.DataFrame:
+    """A training history (epoch, ..., seconds), numeric; empty where the file is missing/empty."""
+    try:
+        return read_tsv(path).apply(pd.to_numeric)
+    except MgiError:
+        return pd.DataFrame()
+
+
+def _seconds(history: pd.DataFrame) -> float | None:
+    """Wall time of a training run: the history's last cumulative `seconds`."""
+    if history.empty or "seconds" not in history:
+        return None
+    return float(history["seconds"].iloc[-1])
+
+
+def _empty_slices(results_dir: Path, variants: list[str]) -> dict:
+    """Test slices with an empty truth mask, and per variant how many of them got a prediction."""
+    counts: dict = {"slices": None, "empty_truth": None, "false_positive": {}}
+    for variant in variants:
+        path = results_dir / "finetune" / variant / "test_slices.tsv"
+        try:
+            slices = read_tsv(path, required=["truth_pixels", "pred_pixels"])
+        except MgiError:
+            continue
+        empty = pd.to_numeric(slices["truth_pixels"]) == 0
+        counts["slices"], counts["empty_truth"] = len(slices), int(empty.sum())
+        counts["false_positive"][variant] = int((pd.to_numeric(slices["pred_pixels"])[empty]
+                                                 > 0).sum())
+    return counts
+
+
+def _finite(value):
+    """NaN and infinities as null, so that metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _number(value, spec: str = ".3f") -> str:
+    """A jinja filter: a number formatted, or an em dash where there is none."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
 def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path: Path,
-                 html_path: Path) -> dict:
-    """Write metrics.json and report.html; return the metrics."""
-    variants = list(settings["finetune"]["variants"])
+                 html_path: Path, attribution_path: Path | None = None,
+                 attribution_summary_path: Path | None = None,
+                 figures_dir: Path | None = None) -> dict:
+    """Write metrics.json and report.html (and the figures as PNGs); return the metrics."""
+    variants = ordered_variants(list(settings["finetune"]["variants"]))
     n_boot = settings["evaluate"]["bootstrap"]
     retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
-    patients = load_patients(results_dir, variants)
+    status = load_status(results_dir, variants)
+    scored = [v for v in variants if status[v]["status"] == "ok"]
+    for v in variants:
+        if v not in scored:
+            log.warning("variant %s failed (%s): shown as failed", v, status[v].get("error"))
+    patients = load_patients(results_dir, scored)
     splits = read_tsv(results_dir / "splits.tsv", required=["case_id", "split"])
     metrics = build_metrics(cohort=cohort, splits=splits, retrieval=retrieval,
-                            patients=patients, n_boot=n_boot)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+                            patients=patients, n_boot=n_boot, status=status)
 
-    pre_history = read_tsv(results_dir / "pretrain" / "history.tsv").apply(pd.to_numeric)
-    histories = {v: read_tsv(results_dir / "finetune" / v / "history.tsv").apply(pd.to_numeric)
-                 for v in variants}
+    pre_history = _history(results_dir / "pretrain" / "history.tsv")
+    histories = {v: _history(results_dir / "finetune" / v / "history.tsv") for v in variants}
     seg = metrics["segmentation"]
-    intervals = {v: (seg[v]["dice_ci_low"], seg[v]["dice_ci_high"]) for v in variants}
     qc = read_tsv(results_dir / "images" / "qc.tsv")
     n_val = retrieval["val"]["n_patients"]
-    figures = {
-        "pretrain": _b64(plots.pretrain_curves(pre_history, chance=1.0 / max(1, n_val))),
-        "similarity": _b64(plots.similarity_matrix(retrieval["test"]["similarity"],
-                                                   retrieval["test"]["cases"])),
-        "finetune": _b64(plots.finetune_curves(histories)),
-        "dice": _b64(plots.dice_by_variant(patients, intervals)),
+    pngs = {
+        "pretrain_curves": plots.pretrain_curves(pre_history, chance=1.0 / max(1, n_val)),
+        "similarity": plots.similarity_matrix(retrieval["test"]["similarity"],
+                                              retrieval["test"]["cases"]),
     }
-    template = jinja2.Environment(
+    curves = {v: histories[v] for v in scored if not histories[v].empty}
+    if curves:
+        pngs["finetune_curves"] = plots.finetune_curves(curves)
+    with_patients = {v: patients[v] for v in scored if not patients[v].empty}
+    if with_patients:
+        intervals = {v: (seg[v]["dice_ci_low"], seg[v]["dice_ci_high"]) for v in with_patients}
+        pngs["dice"] = plots.dice_by_variant(with_patients, intervals)
+
+    findings = [retrieval_finding(retrieval)]
+    findings += [c["finding"] for c in metrics["comparison"].values()]
+    findings += [f"{v}: failed ({status[v].get('stage', 'finetune')}): "
+                 f"{textwrap.shorten(str(status[v]['error']), 400)}"
+                 for v in variants if v not in scored]
+    attribution = None
+    if attribution_path is not None and attribution_summary_path is not None:
+        attribution = _attribution_section(attribution_path, attribution_summary_path)
+        pngs["gene_attribution"] = plots.gene_attribution(attribution["top"])
+        metrics["attribution"] = attribution["metrics"]
+        findings.append(attribution["finding"])
+
+    metrics["empty_masks"] = _empty_slices(results_dir, scored)
+    # wall times are facts of the run, not metrics: kept out of metrics.json (a rerun elsewhere
+    # gives the same metrics, and `dvc metrics diff` shows what changed in the results)
+    wall = {
+        "pretrain": _seconds(pre_history),
+        "finetune": {v: _seconds(histories[v]) for v in variants},
+        "attribution": attribution["summary"]["seconds"] if attribution else None,
+    }
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
+    if figures_dir is not None:
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        for name, png in pngs.items():
+            (figures_dir / f"{name}.png").write_bytes(png)
+
+    overlay_variant = next((v for v in ["mgi", *scored] if v in with_patients), None)
+    environment = jinja2.Environment(
         loader=jinja2.PackageLoader("mgi.evaluate", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
-    ).get_template("report.html")
-    html = template.render(
-        cohort=cohort, metrics=metrics, retrieval=retrieval, variants=variants,
-        figures=figures, overlays=_overlays(results_dir, variants, patients[variants[0]]),
+    )
+    environment.filters["num"] = _number
+    html = environment.get_template("report.html").render(
+        cohort=cohort, metrics=metrics, retrieval=retrieval, variants=variants, status=status,
+        figures={name: _b64(png) for name, png in pngs.items()}, findings=findings,
+        overlays=(_overlays(results_dir, scored, patients[overlay_variant])
+                  if overlay_variant else []),
+        overlay_variant=overlay_variant, empty_masks_text=EMPTY_MASKS,
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
         n_images=len(qc), facts=_run_facts(retrieval.get("device", "unknown")), settings=settings,
-        pretrain_seconds=float(pre_history["seconds"].iloc[-1]),
-        finetune_seconds={v: float(h["seconds"].iloc[-1]) for v, h in histories.items()},
+        attribution=attribution, wall=wall,
     )
     with atomic_path(html_path, suffix=".html") as tmp:
         tmp.write_text(html, encoding="utf-8")
     log.info("report written to %s", html_path)
     return metrics
+
+
+def _attribution_section(table_path: Path, summary_path: Path) -> dict:
+    """The attribution table's top genes, its summary and what it found (against the truth)."""
+    from mgi.evaluate.attribution import planted_enrichment
+
+    table = read_tsv(table_path, required=["rank", "gene_id", "gene_name", "mean_abs",
+                                           "mean_signed", "planted"])
+    for key in ("mean_abs", "mean_signed", "share"):
+        if key in table:
+            table[key] = pd.to_numeric(table[key])
+    summary = json.loads(Path(summary_path).read_text())
+    enrichment = (planted_enrichment(table, top_k=TOP_GENES) if summary.get("planted_truth")
+                  else None)
+    found = {"n_patients": summary["n_patients"], "max_abs_delta": summary["max_abs_delta"],
+             "top_genes": list(table["gene_name"].astype(str).head(5))}
+    if enrichment is not None:
+        found.update(enrichment)
+    return {"top": table.head(TOP_GENES), "summary": summary, "enrichment": enrichment,
+            "metrics": found, "finding": attribution_finding(summary, table, enrichment)}

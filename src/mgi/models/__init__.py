@@ -21,6 +21,8 @@ _EXPORTS = {
     "ClipModel": "clip",
     "retrieval_metrics": "clip",
     "SegmentationModel": "segment",
+    "UNetConfig": "segment",
+    "UNetSegmentation": "segment",
     "freeze_encoder": "segment",
     "load_pretrained": "segment",
 }
@@ -34,6 +36,8 @@ __all__ = [
     "ImageEncoderConfig",
     "Mamba",
     "SegmentationModel",
+    "UNetConfig",
+    "UNetSegmentation",
     "freeze_encoder",
     "load_pretrained",
     "retrieval_metrics",
@@ -45,7 +49,13 @@ if TYPE_CHECKING:
     from mgi.models.gene_encoder import GeneEncoder, GeneEncoderConfig
     from mgi.models.image_encoder import ImageEncoder, ImageEncoderConfig
     from mgi.models.mamba import BiMamba, Mamba, selective_scan
-    from mgi.models.segment import SegmentationModel, freeze_encoder, load_pretrained
+    from mgi.models.segment import (
+        SegmentationModel,
+        UNetConfig,
+        UNetSegmentation,
+        freeze_encoder,
+        load_pretrained,
+    )
 
 
 def __getattr__(name: str):

@@ -5,15 +5,19 @@ blocks, but is fed from the timm ViT's intermediate maps, so the pre-trained CLI
 plugs in unchanged. For a patch size p = 2**k the decoder has k up-sampling stages; the ViT gives
 k maps from evenly spaced blocks: k - 1 skips (earliest -> finest scale) and the bottleneck (the
 last block, after the ViT's final norm, as UNETR). With p = 16 this is UNETR's 4-map layout.
+
+UNetSegmentation wraps a plain MONAI U-Net, the from-scratch CNN baseline (unet_scratch).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.nets import UNet
 from torch import Tensor, nn
 
 from mgi.errors import TrainingError
@@ -168,6 +172,59 @@ class SegmentationModel(nn.Module):
             if cond is not None:
                 x = self.films[i](x, cond)
         return self.out(x)
+
+
+@dataclass
+class UNetConfig:
+    """A plain 2D MONAI U-Net (monai.networks.nets.UNet), the from-scratch CNN baseline."""
+
+    in_chans: int
+    img_size: int
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 2
+    out_channels: int = 1
+
+    def __post_init__(self) -> None:
+        self.channels, self.strides = tuple(self.channels), tuple(self.strides)
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"U-Net needs one stride per down-sampling step, len(channels) - 1 = "
+                f"{len(self.channels) - 1}, got {len(self.strides)} strides"
+            )
+        scale = math.prod(self.strides)
+        if self.img_size % scale:
+            raise ValueError(
+                f"U-Net strides {list(self.strides)} shrink by {scale}, which must divide the "
+                f"image size {self.img_size}"
+            )
+
+
+class UNetSegmentation(nn.Module):
+    """Images (B, C, H, W) -> mask logits (B, out_channels, H, W); takes no genes.
+
+    Same call signature as SegmentationModel, so one training loop serves both.
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=cfg.in_chans,
+            out_channels=cfg.out_channels,
+            channels=cfg.channels,
+            strides=cfg.strides,
+            num_res_units=cfg.num_res_units,
+        )
+
+    def forward(
+        self, images: Tensor, token_ids: Tensor | None = None, values: Tensor | None = None
+    ) -> Tensor:
+        """Mask logits at the input resolution (gene inputs are not accepted)."""
+        if token_ids is not None or values is not None:
+            raise ValueError("the U-Net baseline takes no gene inputs")
+        return self.unet(images)
 
 
 def load_pretrained(model: SegmentationModel, clip_state_dict: dict[str, Tensor]) -> list[str]:

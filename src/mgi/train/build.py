@@ -8,15 +8,17 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from mgi.models import GeneEncoderConfig, ImageEncoderConfig
+from mgi.models import GeneEncoderConfig, ImageEncoderConfig, UNetConfig
 
 
-def gene_config(settings: dict, *, vocab_size: int) -> GeneEncoderConfig:
-    """The gene encoder's config from the `model` and `expression` sections."""
+def gene_config(settings: dict, *, vocab_size: int, kind: str | None = None
+                ) -> GeneEncoderConfig:
+    """The gene encoder's config from the `model` and `expression` sections; `kind` replaces
+    model.gene_encoder.kind (the gene-encoder ablations)."""
     gene = settings["model"]["gene_encoder"]
     expression = settings["expression"]
     return GeneEncoderConfig(
-        kind=gene["kind"],
+        kind=kind or gene["kind"],
         vocab_size=vocab_size,
         seq_len=expression["seq_len"],
         value_encoding=expression["values"],
@@ -38,12 +40,9 @@ def gene_config(settings: dict, *, vocab_size: int) -> GeneEncoderConfig:
 def image_config(settings: dict, *, in_chans: int) -> ImageEncoderConfig:
     """The ViT's config from the `model` and `imaging` sections (size from the image bank)."""
     image = settings["model"]["image_encoder"]
-    imaging = settings["imaging"]
-    mri = imaging["modality"] == "mri"
-    img_size = imaging["mri"]["image_px"] if mri else imaging["wsi"]["tile_px"]
     return ImageEncoderConfig(
         model_name=image["model_name"],
-        img_size=img_size,
+        img_size=image_px(settings),
         patch_size=image["patch_size"],
         in_chans=in_chans,
         width=image["width"],
@@ -52,6 +51,25 @@ def image_config(settings: dict, *, in_chans: int) -> ImageEncoderConfig:
         embed_dim=settings["model"]["embed_dim"],
         weights=image["weights"],
     )
+
+
+def unet_config(settings: dict, *, in_chans: int) -> UNetConfig:
+    """The U-Net baseline's config from `finetune.unet` (size from the image bank)."""
+    unet = settings["finetune"]["unet"]
+    return UNetConfig(
+        in_chans=in_chans,
+        img_size=image_px(settings),
+        channels=tuple(unet["channels"]),
+        strides=tuple(unet["strides"]),
+        num_res_units=unet["num_res_units"],
+    )
+
+
+def image_px(settings: dict) -> int:
+    """Side of the model's square input: the MR slice size or the slide tile size."""
+    imaging = settings["imaging"]
+    mri = imaging["modality"] == "mri"
+    return imaging["mri"]["image_px"] if mri else imaging["wsi"]["tile_px"]
 
 
 def config_dict(config: object) -> dict:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.losses import DiceCELoss
 from tqdm import tqdm
 
-from mgi.errors import ConfigError, TrainingError
-from mgi.models import SegmentationModel, freeze_encoder, load_pretrained
+from mgi.errors import ConfigError, MgiError, TrainingError
+from mgi.io import write_tsv
+from mgi.models import SegmentationModel, UNetSegmentation, freeze_encoder, load_pretrained
 from mgi.train.build import (
     gene_config,
     image_config,
     pick_device,
     seed_everything,
+    unet_config,
     warmup_cosine,
 )
 from mgi.train.data import CohortData, load_cohort
@@ -25,25 +30,54 @@ from mgi.train.loop import History, adamw, autocast, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-# variant -> (uses the pre-trained encoders, fuses the gene encoder)
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_dice", "lr", "seconds"]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a fine-tuning variant trains: its network, where it starts, whether it sees genes."""
+
+    network: str  # "vit": ViT + UNETR decoder (SegmentationModel); "unet": MONAI U-Net
+    pretrained: bool  # starts from the contrastive pre-training's encoders
+    genes: bool  # the gene encoder's embedding is fused into the decoder
+    gene_encoder: str | None = None  # gene encoder kind; None = model.gene_encoder.kind
+
+    def gene_kind(self, settings: dict) -> str:
+        """The gene encoder kind this variant uses (and was pre-trained with)."""
+        return self.gene_encoder or settings["model"]["gene_encoder"]["kind"]
+
+
 VARIANTS = {
-    "mgi": (True, True),
-    "mgi_image_only": (True, False),
-    "vit_scratch": (False, False),
+    "mgi": VariantSpec("vit", pretrained=True, genes=True),
+    "mgi_image_only": VariantSpec("vit", pretrained=True, genes=False),
+    "vit_scratch": VariantSpec("vit", pretrained=False, genes=False),
+    "unet_scratch": VariantSpec("unet", pretrained=False, genes=False),
+    # gene-encoder ablations: the mgi network, pre-trained and fine-tuned with that gene encoder
+    **{f"mgi_{kind}": VariantSpec("vit", pretrained=True, genes=True, gene_encoder=kind)
+       for kind in ("mamba", "transformer", "mlp")},
 }
 
 
-def build_variant(variant: str, settings: dict, *, vocab_size: int, in_chans: int
-                  ) -> SegmentationModel:
-    """The segmentation network of a variant (untrained)."""
+def variant_spec(variant: str) -> VariantSpec:
+    """The spec of a variant, or TrainingError naming the known ones."""
     if variant not in VARIANTS:
         raise TrainingError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    _, with_genes = VARIANTS[variant]
+    return VARIANTS[variant]
+
+
+def build_variant(variant: str, settings: dict, *, vocab_size: int, in_chans: int
+                  ) -> SegmentationModel | UNetSegmentation:
+    """The segmentation network of a variant (untrained)."""
+    spec = variant_spec(variant)
     try:
+        if spec.network == "unet":
+            return UNetSegmentation(unet_config(settings, in_chans=in_chans))
+        gene = (gene_config(settings, vocab_size=vocab_size, kind=spec.gene_kind(settings))
+                if spec.genes else None)
         return SegmentationModel(
             image_config(settings, in_chans=in_chans),
-            gene_config(settings, vocab_size=vocab_size) if with_genes else None,
-            fusion=settings["finetune"]["fusion"] if with_genes else "none",
+            gene,
+            fusion=settings["finetune"]["fusion"] if spec.genes else "none",
             decoder_channels=settings["finetune"]["decoder_channels"],
         )
     except ValueError as err:  # an impossible combination of model.* and imaging.* keys
@@ -60,61 +94,35 @@ def finetune(
     settings: dict,
     out_dir: Path,
     threads: int = 1,
-) -> None:
-    """Train one variant with Dice+CE; keep the epoch with the best validation patient Dice."""
+) -> bool:
+    """Train one variant with Dice+CE, keep the epoch with the best validation patient Dice;
+    True when it trained.
+
+    A failure once the data is loaded (an error, a loss that is not finite, out of GPU memory)
+    is, with finetune.on_failure `record`, logged with its traceback and written as model.pt
+    {"variant", "failed": True, "error"} beside the curves so far (returns False); with `raise`
+    it propagates.
+    """
     seed_everything(settings["seed"], threads=threads)
     opts = settings["finetune"]
     device = pick_device(opts["device"])
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
     if data.masks is None:
         raise TrainingError(f"{qc_path}: no image bank has tumour masks; nothing to fine-tune on")
-    model = build_variant(variant, settings, vocab_size=data.sequences.vocab_size,
-                          in_chans=data.images.shape[1])
-    uses_pretrained, with_genes = VARIANTS[variant]
-    if uses_pretrained:
-        if pretrained_path is None:
-            raise TrainingError(f"variant {variant} needs the pre-trained model (--pretrained)")
-        checkpoint = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-        loaded = load_pretrained(model, checkpoint["state_dict"])
-        log.info("loaded %d pre-trained tensors from %s", len(loaded), pretrained_path)
-        freeze = opts["freeze"]
-        freeze_encoder(model, image=freeze in ("image", "both"),
-                       gene=with_genes and freeze in ("gene", "both"))
-    model.to(device)
-    loss_fn = DiceCELoss(sigmoid=True)
-    rng = np.random.default_rng(settings["seed"])
-    train_items = data.items("train", labelled=True)
-    steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
-    total = steps_per_epoch * opts["epochs"]
-    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"],
-                      fusion_lr_scale=opts["fusion_lr_scale"])
-    scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=max(1, total // 10))
     history = History(out_dir / "history.tsv")
-    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
-    log.info("fine-tuning %s on %d slices, %d steps on %s", variant, len(train_items), total,
-             device)
-    for epoch in tqdm(range(1, opts["epochs"] + 1), desc=f"finetune {variant}", unit="epoch"):
-        model.train()
-        losses = []
-        order = rng.permutation(train_items)
-        for start in range(0, len(order), opts["batch_size"]):
-            batch = np.sort(order[start:start + opts["batch_size"]])
-            images, masks = augment(data, batch, rng=rng, device=device)
-            with autocast(device):
-                logits = model(images, *gene_inputs(data, batch, with_genes, device))
-                loss = loss_fn(logits.float(), masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        val_dice = patient_dice(model, data, "val", with_genes=with_genes, device=device)
-        history.add(epoch=epoch, train_loss=float(np.mean(losses)), val_dice=val_dice,
-                    lr=scheduler.get_last_lr()[0])
-        if val_dice > best[0]:
-            best = (val_dice, epoch, copy.deepcopy(model.state_dict()))
-    model.load_state_dict(best[2])
+    try:
+        model, best = _train(variant, data, settings, pretrained_path=pretrained_path,
+                             device=device, history=history)
+    except Exception as err:
+        if opts["on_failure"] == "raise":
+            raise
+        log.exception("fine-tuning %s failed; recorded as failed (finetune.on_failure: record)",
+                      variant)
+        if not history.rows:
+            write_tsv(pd.DataFrame(columns=HISTORY_COLUMNS), history.path)
+        save_checkpoint({"variant": variant, "failed": True, "error": error_line(err)},
+                        out_dir / "model.pt")
+        return False
     log.info("best validation patient Dice %.4f at epoch %d", best[0], best[1])
     save_checkpoint({
         "variant": variant,
@@ -125,6 +133,90 @@ def finetune(
         "best_epoch": best[1],
         "val_dice": best[0],
     }, out_dir / "model.pt")
+    return True
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: a stage error's message, else its type and message."""
+    text = str(err) if isinstance(err, MgiError) else f"{type(err).__name__}: {err}"
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _load_pretrained(model: SegmentationModel, variant: str, spec: VariantSpec, settings: dict,
+                     pretrained_path: Path | None) -> None:
+    """Copy the pre-trained encoders into the model, after checking the gene encoder kind."""
+    if pretrained_path is None:
+        raise TrainingError(f"variant {variant} needs the pre-trained model (--pretrained)")
+    checkpoint = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    if spec.genes:
+        kind, trained = spec.gene_kind(settings), checkpoint.get("gene_config", {}).get("kind")
+        if trained is not None and trained != kind:
+            raise TrainingError(
+                f"{pretrained_path}: pre-trained with gene encoder {trained!r}, but variant "
+                f"{variant} uses {kind!r}"
+            )
+    loaded = load_pretrained(model, checkpoint["state_dict"])
+    log.info("loaded %d pre-trained tensors from %s", len(loaded), pretrained_path)
+    freeze = settings["finetune"]["freeze"]
+    freeze_encoder(model, image=freeze in ("image", "both"),
+                   gene=spec.genes and freeze in ("gene", "both"))
+
+
+def _train(variant: str, data: CohortData, settings: dict, *, pretrained_path: Path | None,
+           device: torch.device, history: History
+           ) -> tuple[torch.nn.Module, tuple[float, int]]:
+    """The trained model (best validation epoch's weights) and (best val Dice, its epoch)."""
+    opts = settings["finetune"]
+    spec = variant_spec(variant)
+    model = build_variant(variant, settings, vocab_size=data.sequences.vocab_size,
+                          in_chans=data.images.shape[1])
+    if spec.pretrained:
+        _load_pretrained(model, variant, spec, settings, pretrained_path)
+    model.to(device)
+    loss_fn = DiceCELoss(sigmoid=True)
+    rng = np.random.default_rng(settings["seed"])
+    train_items = data.items("train", labelled=True)
+    steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
+    total = steps_per_epoch * opts["epochs"]
+    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"],
+                      fusion_lr_scale=opts["fusion_lr_scale"])
+    scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=max(1, total // 10))
+    best = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    log.info("fine-tuning %s on %d slices, %d steps on %s", variant, len(train_items), total,
+             device)
+    step = 0
+    for epoch in tqdm(range(1, opts["epochs"] + 1), desc=f"finetune {variant}", unit="epoch"):
+        model.train()
+        losses = []
+        order = rng.permutation(train_items)
+        for start in range(0, len(order), opts["batch_size"]):
+            batch = np.sort(order[start:start + opts["batch_size"]])
+            images, masks = augment(data, batch, rng=rng, device=device)
+            with autocast(device):
+                logits = model(images, *gene_inputs(data, batch, spec.genes, device))
+                loss = loss_fn(logits.float(), masks)
+            step += 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"fine-tuning {variant} diverged: the loss is not finite at epoch {epoch}, "
+                    f"step {step} (learning rate {scheduler.get_last_lr()[0]:.3g}). Lower "
+                    f"finetune.lr, then rerun."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(value)
+        val_dice = patient_dice(model, data, "val", with_genes=spec.genes, device=device)
+        history.add(epoch=epoch, train_loss=float(np.mean(losses)), val_dice=val_dice,
+                    lr=scheduler.get_last_lr()[0])
+        if val_dice > best[0]:
+            best = (val_dice, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return model, (best[0], best[1])
 
 
 def gene_inputs(data: CohortData, batch: np.ndarray, with_genes: bool, device: torch.device
@@ -150,7 +242,7 @@ def augment(data: CohortData, batch: np.ndarray, *, rng: np.random.Generator,
 
 
 @torch.no_grad()
-def predict(model: SegmentationModel, data: CohortData, items: np.ndarray, *, with_genes: bool,
+def predict(model: torch.nn.Module, data: CohortData, items: np.ndarray, *, with_genes: bool,
             device: torch.device, batch_size: int = 32) -> np.ndarray:
     """Tumour probabilities (N, H, W) of items."""
     model.eval()
@@ -163,7 +255,7 @@ def predict(model: SegmentationModel, data: CohortData, items: np.ndarray, *, wi
     return np.concatenate(out) if out else np.zeros((0, *data.images.shape[2:]), np.float32)
 
 
-def patient_dice(model: SegmentationModel, data: CohortData, split: str, *, with_genes: bool,
+def patient_dice(model: torch.nn.Module, data: CohortData, split: str, *, with_genes: bool,
                  device: torch.device, threshold: float = 0.5) -> float:
     """Mean over patients of the 3D Dice of all their slices (validation score)."""
     from mgi.evaluate.metrics import volume_metrics
