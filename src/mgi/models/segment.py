@@ -183,10 +183,13 @@ class UNetConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 2
+    norm: str = "batch"  # "batch" (Buda et al. 2019) or "instance" (MONAI's default)
     out_channels: int = 1
 
     def __post_init__(self) -> None:
         self.channels, self.strides = tuple(self.channels), tuple(self.strides)
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"U-Net norm must be 'batch' or 'instance', got {self.norm!r}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"U-Net needs one stride per down-sampling step, len(channels) - 1 = "
@@ -216,6 +219,7 @@ class UNetSegmentation(nn.Module):
             channels=cfg.channels,
             strides=cfg.strides,
             num_res_units=cfg.num_res_units,
+            norm=cfg.norm,
         )
 
     def forward(

@@ -62,6 +62,7 @@ def unet_config(settings: dict, *, in_chans: int) -> UNetConfig:
         channels=tuple(unet["channels"]),
         strides=tuple(unet["strides"]),
         num_res_units=unet["num_res_units"],
+        norm=unet.get("norm", "batch"),
     )
 
 
