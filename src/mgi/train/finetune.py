@@ -179,7 +179,9 @@ def _train(variant: str, data: CohortData, settings: dict, *, pretrained_path: P
     train_items = data.items("train", labelled=True)
     steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
     total = steps_per_epoch * opts["epochs"]
-    optimizer = adamw(model, lr=opts["lr"], weight_decay=opts["weight_decay"],
+    # the CNN baseline takes its own peak rate (a U-Net trains at a higher one than a ViT)
+    lr = opts["unet"].get("lr", opts["lr"]) if spec.network == "unet" else opts["lr"]
+    optimizer = adamw(model, lr=lr, weight_decay=opts["weight_decay"],
                       fusion_lr_scale=opts["fusion_lr_scale"])
     scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=max(1, total // 10))
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
