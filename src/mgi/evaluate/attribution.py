@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,17 +127,14 @@ def per_gene(attributions: np.ndarray, token_ids: np.ndarray, vocab: pd.DataFram
     return genes.reset_index(drop=True)
 
 
-def _unversioned(gene_id: str) -> str:
-    return re.sub(r"\.\d+$", "", str(gene_id))
-
-
 def mark_planted(table: pd.DataFrame, planted: pd.DataFrame) -> pd.DataFrame:
     """Add `planted` (the truth's program, or empty) by gene id without version, else by name."""
-    by_id = {_unversioned(g): p for g, p in zip(planted["gene_id"], planted["program"],
-                                                strict=True)}
+    from mgi.expression.gtf import unversioned
+
+    by_id = dict(zip(unversioned(planted["gene_id"]), planted["program"], strict=True))
     by_name = dict(zip(planted["gene_name"], planted["program"], strict=True))
-    marks = [by_id.get(_unversioned(g)) or by_name.get(n, "")
-             for g, n in zip(table["gene_id"], table["gene_name"], strict=True)]
+    marks = [by_id.get(g) or by_name.get(n, "")
+             for g, n in zip(unversioned(table["gene_id"]), table["gene_name"], strict=True)]
     return table.assign(planted=marks)
 
 
