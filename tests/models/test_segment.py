@@ -9,7 +9,12 @@ from mgi.errors import TrainingError
 from mgi.models.clip import ClipModel
 from mgi.models.gene_encoder import GeneEncoderConfig
 from mgi.models.image_encoder import ImageEncoderConfig
-from mgi.models.segment import SegmentationModel, freeze_encoder, load_pretrained
+from mgi.models.segment import (
+    ConditionNorm,
+    SegmentationModel,
+    freeze_encoder,
+    load_pretrained,
+)
 
 
 def gene_config(**overrides) -> GeneEncoderConfig:
@@ -108,6 +113,29 @@ def test_film_learns_to_use_the_genes():
     with torch.no_grad():
         difference = (model(images, ids, values) - model(images, ids, other_values)).abs().max()
     assert difference > 1e-4
+
+
+def test_condition_norm_turns_a_small_patient_difference_into_an_order_one_one():
+    """Embeddings near one point that differ by 0.01 along a direction come out near +-1."""
+    norm = ConditionNorm(4)
+    shared = torch.tensor([0.3, -0.2, 0.5, 0.1])
+    sign = torch.tensor([1.0, -1.0] * 8)[:, None]
+    cond = shared + 0.01 * sign * torch.tensor([1.0, 0.0, 0.0, 0.0])
+    out = norm(cond)
+    torch.testing.assert_close(out[:, 0], sign[:, 0], atol=1e-2, rtol=0)
+    assert out[:, 1:].abs().max() < 1e-3  # no spread, nothing to amplify
+    assert not any(p.requires_grad for p in norm.parameters())  # FiLM learns the scale
+
+
+def test_condition_norm_uses_running_statistics_for_a_batch_of_one():
+    norm = ConditionNorm(3)
+    for _ in range(200):
+        norm(torch.randn(8, 3, generator=torch.Generator().manual_seed(_)) * 2.0 + 5.0)
+    single = torch.tensor([[5.0, 7.0, 3.0]])
+    expected = (single - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(norm(single), expected)  # training mode, no error
+    torch.testing.assert_close(norm.eval()(single), expected)
+    assert abs(float(expected[0, 1]) - 1.0) < 0.2  # (7 - 5) / 2
 
 
 def test_cross_attention_depends_on_the_genes_directly():
