@@ -40,7 +40,7 @@ PUBLISHED_ANCHORS = [
 ]
 # The order of the variant table and of the comparisons with mgi (listed first); variants not
 # named here follow in the order of the config.
-BASELINE_ORDER = ["mgi_image_only", "vit_scratch", "unet_scratch",
+BASELINE_ORDER = ["mgi_image_only", "vit_scratch", "unet_scratch", "vit_scratch_genes",
                   "mgi_mamba", "mgi_transformer", "mgi_mlp"]
 TOP_GENES = 20  # genes shown in the attribution chart and table, and scored against the truth
 # How the metrics treat slices and patients without tumour (mgi.evaluate.metrics), in words.

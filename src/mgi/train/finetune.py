@@ -51,6 +51,8 @@ VARIANTS = {
     "mgi": VariantSpec("vit", pretrained=True, genes=True),
     "mgi_image_only": VariantSpec("vit", pretrained=True, genes=False),
     "vit_scratch": VariantSpec("vit", pretrained=False, genes=False),
+    # mgi's network and genes without the pre-training: mgi minus this is what pre-training adds
+    "vit_scratch_genes": VariantSpec("vit", pretrained=False, genes=True),
     "unet_scratch": VariantSpec("unet", pretrained=False, genes=False),
     # gene-encoder ablations: the mgi network, pre-trained and fine-tuned with that gene encoder
     **{f"mgi_{kind}": VariantSpec("vit", pretrained=True, genes=True, gene_encoder=kind)
