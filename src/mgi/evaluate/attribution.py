@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mgi.errors import MgiError
+from mgi.expression.gtf import unversioned
 from mgi.io import atomic_path, read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ def per_gene(attributions: np.ndarray, token_ids: np.ndarray, vocab: pd.DataFram
 
 def mark_planted(table: pd.DataFrame, planted: pd.DataFrame) -> pd.DataFrame:
     """Add `planted` (the truth's program, or empty) by gene id without version, else by name."""
-    from mgi.expression.gtf import unversioned
-
     by_id = dict(zip(unversioned(planted["gene_id"]), planted["program"], strict=True))
     by_name = dict(zip(planted["gene_name"], planted["program"], strict=True))
     marks = [by_id.get(g) or by_name.get(n, "")
