@@ -243,8 +243,9 @@ def test_image_and_side_tables_point_at_written_files(cohort: Path) -> None:
     assert (clinical.project_id == "DEMO-SYN").all()
     assert clinical.age_at_diagnosis.astype(int).between(20 * 365, 76 * 365).all()
     genes = _table(cohort, "synthetic_genes.tsv")
-    assert sorted(genes.program.value_counts().items()) == [("burden", 5), ("subtype", 5)]
-    assert genes.gene_name.str.fullmatch(r"(SUBTYPE|BURDEN)_G\d{2}").all()
+    assert sorted(genes.program.value_counts().items()) == [
+        ("burden", 5), ("location", 5), ("subtype", 5)]
+    assert genes.gene_name.str.fullmatch(r"(SUBTYPE|BURDEN|LOCATION)_G\d{2}").all()
 
 
 # --- the planted link ---------------------------------------------------------------------------
@@ -270,13 +271,14 @@ def test_subtype_genes_are_higher_in_subtype_1(cohort: Path) -> None:
     assert level[subtype == 1].min() > level[subtype == 0].max() + 1
 
 
-def test_burden_genes_follow_burden(tmp_path: Path) -> None:
+@pytest.mark.parametrize("program", ["burden", "location"])
+def test_continuous_program_genes_follow_their_trait(tmp_path: Path, program: str) -> None:
     config = replace(TINY, n_cases=12, slices=3, n_slides=0, n_genes=60)
     write_cohort(tmp_path / "raw", config=config)
     truth = _table(tmp_path / "raw", "synthetic_truth.tsv").set_index("case_id")
-    level = _log_expression(tmp_path / "raw", "burden")
-    burden = truth.burden.astype(float).reindex(level.index)
-    assert stats.spearmanr(burden, level).statistic > 0.6
+    level = _log_expression(tmp_path / "raw", program)
+    trait = truth[program].astype(float).reindex(level.index)
+    assert stats.spearmanr(trait, level).statistic > 0.6
 
 
 def test_tumour_mask_covers_middle_slices_only(cohort: Path) -> None:
@@ -286,6 +288,15 @@ def test_tumour_mask_covers_middle_slices_only(cohort: Path) -> None:
         assert per_slice[0] == 0 and per_slice[-1] == 0
         assert (per_slice[1:-1] > 0).all()
         assert set(np.unique(_masks(cohort, case_id, TINY.slices))) == {0, 255}
+
+
+def test_tumour_row_follows_location(cohort: Path) -> None:
+    truth = _table(cohort, "synthetic_truth.tsv")
+    px = TINY.image_px
+    for case in truth.itertuples():
+        rows = np.nonzero(_masks(cohort, case.case_id, TINY.slices))[1]
+        expected = (px - 1) / 2 + (float(case.location) - 0.5) * 0.3 * px
+        assert abs(rows.mean() - expected) <= 1.0, case.case_id
 
 
 def test_flair_contrast_of_tumour_follows_subtype_and_mimic_is_opposite(cohort: Path) -> None:

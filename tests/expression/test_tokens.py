@@ -75,9 +75,10 @@ CONFIGS = [
     SequenceConfig(seq_len=32, normalize="tpm", n_hvg=20, n_bins=11),
     SequenceConfig(seq_len=24, order="genomic", normalize="fpkm_uq"),
     SequenceConfig(seq_len=24, order="genomic", n_hvg=16, values="continuous"),
+    SequenceConfig(seq_len=16, n_hvg=12, order="fixed", values="zscore"),
 ]
 CONFIG_IDS = ["rank-bins", "fixed-hvg-continuous", "tpm-hvg", "genomic-fpkm_uq",
-              "genomic-hvg-continuous"]
+              "genomic-hvg-continuous", "fixed-hvg-zscore"]
 
 
 def test_quantile_bins_are_zero_for_zero_and_span_one_to_n_bins_minus_one():
@@ -149,6 +150,26 @@ def test_continuous_values_are_log1p_cpm_over_the_train_std(cohort):
     np.testing.assert_allclose(
         seqs.values[row, 1 : 1 + len(genes)], logged[row, genes] / scale, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("order", ["fixed", "rank"])
+def test_zscore_values_are_log1p_cpm_standardised_per_gene_on_train(cohort, order):
+    adata, splits = cohort
+    cfg = SequenceConfig(seq_len=16, order=order, values="zscore", min_fraction_expressed=0)
+    seqs = build_sequences(adata, splits, config=cfg)
+    gene_ids = seqs.vocab.set_index("token_id")["gene_id"]
+    logged = np.log1p(normalised(adata, method="log1p_cpm")[0])
+    train = splits.set_index("case_id").loc[adata.obs_names, "split"].to_numpy() == "train"
+    for row in (0, 5, len(adata) - 1):
+        tokens = seqs.token_ids[row, 1:]
+        genes = adata.var_names.get_indexer(gene_ids.loc[tokens[tokens >= 3]])
+        mean, std = logged[train][:, genes].mean(0), logged[train][:, genes].std(0)
+        np.testing.assert_allclose(seqs.values[row, 1 : 1 + len(genes)],
+                                   (logged[row, genes] - mean) / std, rtol=1e-4, atol=1e-5)
+    if order == "fixed":  # every case holds the same genes: each column is one gene
+        columns = seqs.values[seqs.splits == "train"][:, 1:]
+        np.testing.assert_allclose(columns.mean(0), 0, atol=1e-5)
+        np.testing.assert_allclose(columns.std(0), 1, atol=1e-4)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)

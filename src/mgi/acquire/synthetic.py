@@ -9,14 +9,20 @@ per-slice tumour masks (`{case_id}_{InstanceNumber}_mask.tif`, uint8 0/255).
 The planted link (what makes the genes measurably useful for the images):
 
 * Each case has a subtype `s` (0/1, exactly half each, up to one for odd counts, after a seeded
-  shuffle) and a tumour burden `b ~ U(0.15, 1)`; both are in `synthetic_truth.tsv`.
+  shuffle), a tumour burden `b ~ U(0.15, 1)` and a location `l ~ U(0, 1)`; all three are in
+  `synthetic_truth.tsv`.
 * Expression: counts are negative-binomial per gene. Program "subtype" (`SUBTYPE_G01`..,
   protein-coding) has its mean multiplied by `2**2.5` when `s = 1`; program "burden"
-  (`BURDEN_G01`..) has log2 fold change `3 * b`. The planted genes are in `synthetic_genes.tsv`.
+  (`BURDEN_G01`..) has log2 fold change `5 * b` and program "location" (`LOCATION_G01`..)
+  `5 * l`. The planted genes are in `synthetic_genes.tsv`. Burden and location are what the
+  genes and the images share (what contrastive pre-training can align): with burden alone, even
+  an oracle that knew the planted genes and the true tumour areas matched only 3 of 8 held-out
+  demo patients.
 * MRI (T1 pre, FLAIR, T1 post; co-registered, same geometry): the brain is an ellipse of smooth
   textured tissue whose size shrinks slightly towards the outer slices. The tumour is an
   ellipsoid over the central ~60% of slices (outer slices have empty masks) in one hemisphere,
-  in-plane radius growing linearly with `b` from 3 px to `image_px / 5` at the centre slice.
+  in-plane radius growing linearly with `b` from 3 px to `image_px / 5` at the centre slice,
+  its row moving with `l` from 15% of the image above the centre (`l = 0`) to 15% below.
   On T1 pre and FLAIR it is hyperintense when `s = 1` and hypointense when `s = 0` (by 30% of
   the tissue level, about 3 tissue SDs). A "mimic" of the same size and the opposite contrast
   sits mirrored in the other hemisphere and is not in the mask, so the image alone cannot say
@@ -86,7 +92,9 @@ MANIFEST_COLUMNS = [
 ]
 SERIES_DESCRIPTIONS = ("T1 pre", "FLAIR", "T1 post")
 SUBTYPE_LOG2FC = 2.5
-BURDEN_LOG2FC = 3.0
+BURDEN_LOG2FC = 5.0
+LOCATION_LOG2FC = 5.0
+PROGRAMS = ("subtype", "burden", "location")
 SLIDE_DOWNSAMPLES = (1, 4, 16)
 SLIDE_TILE = 256
 SLIDE_MPP = 0.5
@@ -151,6 +159,7 @@ class _Case:
     case_id: str
     subtype: int
     burden: float
+    location: float  # 0..1: the lesions' row, from anterior (0) to posterior (1)
     side: int  # +1: tumour at columns above the midline (patient left), -1: below
     gender: str
     age_days: int
@@ -180,8 +189,9 @@ def _validate(config: SyntheticCohortConfig) -> None:
     checks = [
         ("n_cases", config.n_cases >= 2, "at least 2"),
         ("n_linked_genes", config.n_linked_genes >= 1, "at least 1"),
-        ("n_genes", config.n_genes >= 2 * config.n_linked_genes + 4,
-         f"at least 2 * n_linked_genes + 4 = {2 * config.n_linked_genes + 4}"),
+        ("n_genes", config.n_genes >= len(PROGRAMS) * config.n_linked_genes + 4,
+         f"at least {len(PROGRAMS)} * n_linked_genes + 4 = "
+         f"{len(PROGRAMS) * config.n_linked_genes + 4}"),
         ("n_genes", config.n_genes <= 200_000, "at most 200000"),
         ("slices", config.slices >= 3, "at least 3 (outer slices stay tumour-free)"),
         ("image_px", config.image_px >= 32, "at least 32"),
@@ -301,13 +311,15 @@ def _draw_cases(config: SyntheticCohortConfig) -> list[_Case]:
     rng.shuffle(subtypes)
     burden = rng.uniform(0.15, 1.0, n)
     side = rng.choice([-1, 1], n)
+    location = rng.uniform(0.0, 1.0, n)
     gender = rng.choice(["female", "male"], n)
     age_days = np.round(rng.uniform(20.0, 75.0, n) * 365.25).astype(int)
     ids = _rng(config, "ids")
     return [
         _Case(
             index=i, case_id=f"DEMO-SY-{i + 1:04d}", subtype=int(subtypes[i]),
-            burden=round(float(burden[i]), 4), side=int(side[i]), gender=str(gender[i]),
+            burden=round(float(burden[i]), 4), location=round(float(location[i]), 4),
+            side=int(side[i]), gender=str(gender[i]),
             age_days=int(age_days[i]), expression_file_id=_uuid4(ids), slide_file_id=_uuid4(ids),
         )
         for i in range(n)
@@ -328,6 +340,7 @@ def _truth_table(cases: list[_Case]) -> pd.DataFrame:
         "case_id": [c.case_id for c in cases],
         "subtype": [c.subtype for c in cases],
         "burden": [c.burden for c in cases],
+        "location": [c.location for c in cases],
         "tumour_side": ["left" if c.side > 0 else "right" for c in cases],
     })
 
@@ -350,9 +363,10 @@ def _draw_genes(config: SyntheticCohortConfig) -> pd.DataFrame:
     names = np.array(
         [f"{_GENE_TYPES[t][1]}{i + 1:04d}" for i, t in enumerate(gene_type)], dtype=object
     )
-    planted = rng.choice(n, size=2 * k, replace=False)
+    planted = rng.choice(n, size=len(PROGRAMS) * k, replace=False)
     width = max(2, len(str(k)))
-    for label, idx in (("subtype", planted[:k]), ("burden", planted[k:])):
+    for number, label in enumerate(PROGRAMS):
+        idx = planted[number * k:(number + 1) * k]
         program[idx] = label
         names[idx] = [f"{label.upper()}_G{m + 1:0{width}d}" for m in range(k)]
         gene_type[idx] = "protein_coding"
@@ -398,6 +412,7 @@ def _case_counts(
     log2fc = np.zeros(len(genes))
     log2fc[genes.program.to_numpy() == "subtype"] = SUBTYPE_LOG2FC * case.subtype
     log2fc[genes.program.to_numpy() == "burden"] = BURDEN_LOG2FC * case.burden
+    log2fc[genes.program.to_numpy() == "location"] = LOCATION_LOG2FC * case.location
     size_factor = rng.lognormal(0.0, 0.25)
     mu = genes["mean"].to_numpy() * np.exp2(log2fc) * size_factor
     shape = 1.0 / genes["dispersion"].to_numpy()
@@ -503,7 +518,7 @@ def _mri_case(case: _Case, config: SyntheticCohortConfig) -> tuple[dict[str, np.
     centre = (px - 1) / 2
     tumour_x = round(centre + case.side * offset)
     mimic_x = px - 1 - tumour_x  # mirrored across the midline
-    row = round(centre + rng.uniform(-0.08, 0.08) * px)
+    row = round(centre + (case.location - 0.5) * 0.3 * px)
     cz, rz = (n_slices - 1) / 2, 0.3 * n_slices
     rho_tumour = _blob(geometry, cz, row, tumour_x, radius, rz)
     rho_mimic = _blob(geometry, cz, row, mimic_x, radius, rz)

@@ -85,7 +85,7 @@ def gene_attribution(top: pd.DataFrame) -> bytes:
     """The top genes' mean |attribution| (bars, planted genes coloured) and signed mean (dots)."""
     top = top.iloc[::-1]  # the first gene on top
     planted = top["planted"].astype(str)
-    colours = {"": "#8a8a8a", "subtype": "#c0392b", "burden": "#2471a3"}
+    colours = {"": "#8a8a8a", "subtype": "#c0392b", "burden": "#2471a3", "location": "#1e8449"}
     fig, ax = plt.subplots(figsize=(6.4, 0.8 + 0.26 * len(top)))
     y = np.arange(len(top))
     ax.barh(y, top["mean_abs"], color=[colours.get(p, "#7d3c98") for p in planted])

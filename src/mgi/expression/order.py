@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NORMALIZE = ("log1p_cpm", "tpm", "fpkm_uq")
 ORDERS = ("rank", "genomic", "fixed")
-VALUES = ("bins", "continuous")
+VALUES = ("bins", "continuous", "zscore")
 CPM_TARGET = 1e6
 # expression.normalize -> the AnnData layer it reads (log1p_cpm reads the counts)
 LAYER_OF = {"log1p_cpm": "counts", "tpm": "tpm", "fpkm_uq": "fpkm_uq"}
@@ -41,7 +41,7 @@ class SequenceConfig:
     order: str = "rank"  # rank | genomic | fixed
     n_hvg: int | None = None  # keep the top-n highly-variable genes (fitted on train)
     gene_list: str | None = None  # file of gene ids or names: the genes kept (fixed: in order)
-    values: str = "bins"  # bins | continuous
+    values: str = "bins"  # bins | continuous | zscore
     n_bins: int = 51  # bin 0 = not expressed, 1..n_bins-1 = per-sample quantiles
     seq_len: int = 256  # tokens per sequence, <cls> included
 

@@ -49,21 +49,36 @@ class GeneSequences:
 
 
 class ValueEncoder:
-    """Per-token values: per-sample quantile bins (scGPT) or log1p scaled by the train std."""
+    """Per-token values, fitted on the train cases: per-sample quantile bins (scGPT), log1p over
+    the train std (`continuous`), or log1p standardised per gene (`zscore`)."""
 
     def __init__(self, config: SequenceConfig) -> None:
         self.config = config
 
     def fit(self, train_log: np.ndarray) -> ValueEncoder:
-        """Fit the continuous scale (std of the train log1p values); return self."""
+        """Fit the scales on the train log1p values (cases x genes); return self.
+
+        `continuous`: one scale, the std of every train value. `zscore`: each gene's train mean
+        and std (std 0, a gene constant over the train cases, is taken as 1), as scanpy's
+        pp.scale does on one matrix; written out here because pp.scale cannot fit on the train
+        cases and apply the same centring to the others.
+        """
         std = float(np.std(train_log)) if train_log.size else 0.0
         self.scale_ = std if std > 0 else 1.0
+        if train_log.size:
+            self.gene_mean_ = train_log.mean(axis=0)
+            gene_std = train_log.std(axis=0)
+            self.gene_std_ = np.where(gene_std > 0, gene_std, 1.0)
+        else:
+            self.gene_mean_ = self.gene_std_ = None
         return self
 
     def transform(self, logged: np.ndarray) -> np.ndarray:
         """Return one value per case x selected gene (bins: 0 for zero, else 1..n_bins-1)."""
         if self.config.values == "continuous":
             return logged / self.scale_
+        if self.config.values == "zscore":
+            return (logged - self.gene_mean_) / self.gene_std_
         return quantile_bins(logged, n_bins=self.config.n_bins)
 
 

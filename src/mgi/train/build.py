@@ -21,7 +21,8 @@ def gene_config(settings: dict, *, vocab_size: int, kind: str | None = None
         kind=kind or gene["kind"],
         vocab_size=vocab_size,
         seq_len=expression["seq_len"],
-        value_encoding=expression["values"],
+        # zscore values are continuous numbers to the model, as continuous ones are
+        value_encoding="bins" if expression["values"] == "bins" else "continuous",
         n_bins=expression["n_bins"],
         d_model=gene["d_model"],
         n_layers=gene["n_layers"],
