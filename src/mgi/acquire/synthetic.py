@@ -91,10 +91,9 @@ MANIFEST_COLUMNS = [
     "sample_barcode",
 ]
 SERIES_DESCRIPTIONS = ("T1 pre", "FLAIR", "T1 post")
-SUBTYPE_LOG2FC = 2.5
-BURDEN_LOG2FC = 5.0
-LOCATION_LOG2FC = 5.0
-PROGRAMS = ("subtype", "burden", "location")
+# planted program -> log2 fold change per unit of the case's trait of the same name
+PROGRAM_LOG2FC = {"subtype": 2.5, "burden": 5.0, "location": 5.0}
+PROGRAMS = tuple(PROGRAM_LOG2FC)
 SLIDE_DOWNSAMPLES = (1, 4, 16)
 SLIDE_TILE = 256
 SLIDE_MPP = 0.5
@@ -410,9 +409,9 @@ def _case_counts(
 ) -> np.ndarray:
     """Unstranded NB counts of one case, with the planted programs applied to the means."""
     log2fc = np.zeros(len(genes))
-    log2fc[genes.program.to_numpy() == "subtype"] = SUBTYPE_LOG2FC * case.subtype
-    log2fc[genes.program.to_numpy() == "burden"] = BURDEN_LOG2FC * case.burden
-    log2fc[genes.program.to_numpy() == "location"] = LOCATION_LOG2FC * case.location
+    program = genes.program.to_numpy()
+    for label, fold_change in PROGRAM_LOG2FC.items():
+        log2fc[program == label] = fold_change * getattr(case, label)
     size_factor = rng.lognormal(0.0, 0.25)
     mu = genes["mean"].to_numpy() * np.exp2(log2fc) * size_factor
     shape = 1.0 / genes["dispersion"].to_numpy()

@@ -65,12 +65,9 @@ class ValueEncoder:
         """
         std = float(np.std(train_log)) if train_log.size else 0.0
         self.scale_ = std if std > 0 else 1.0
-        if train_log.size:
-            self.gene_mean_ = train_log.mean(axis=0)
-            gene_std = train_log.std(axis=0)
-            self.gene_std_ = np.where(gene_std > 0, gene_std, 1.0)
-        else:
-            self.gene_mean_ = self.gene_std_ = None
+        self.gene_mean_ = train_log.mean(axis=0)
+        gene_std = train_log.std(axis=0)
+        self.gene_std_ = np.where(gene_std > 0, gene_std, 1.0)
         return self
 
     def transform(self, logged: np.ndarray) -> np.ndarray:
