@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import build_sincos2d_pos_embed
 
 from mgi.models.image_encoder import ImageEncoder, ImageEncoderConfig, evenly_spaced_blocks
+from mgi.train.loop import adamw
 
 
 def tiny_config(**overrides) -> ImageEncoderConfig:
@@ -47,9 +49,9 @@ def test_weights_from_a_local_file_are_loaded(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save(source.backbone.state_dict(), path)
     torch.manual_seed(1)
-    fresh = ImageEncoder(tiny_config())
+    fresh = ImageEncoder(tiny_config(pos_embed="learn"))
     torch.manual_seed(1)
-    loaded = ImageEncoder(tiny_config(weights=str(path)))
+    loaded = ImageEncoder(tiny_config(weights=str(path), pos_embed="learn"))
     x = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(loaded.backbone(x), fresh.backbone(x))
     torch.testing.assert_close(loaded.backbone(x), source.backbone(x))
@@ -58,7 +60,7 @@ def test_weights_from_a_local_file_are_loaded(tmp_path):
 def test_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / "nowhere" / "vit.pth"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ImageEncoder(tiny_config(weights=str(missing)))
+        ImageEncoder(tiny_config(weights=str(missing), pos_embed="learn"))
 
 
 def test_img_size_must_be_a_multiple_of_the_patch():
@@ -88,8 +90,39 @@ def test_checkpoint_for_another_resolution_is_resampled(tmp_path):
     )
     path = tmp_path / "vit64.pth"
     torch.save(source.state_dict(), path)
-    encoder = ImageEncoder(tiny_config(weights=str(path)))
+    encoder = ImageEncoder(tiny_config(weights=str(path), pos_embed="learn"))
     torch.testing.assert_close(
         encoder.backbone.blocks[2].mlp.fc1.weight, source.blocks[2].mlp.fc1.weight
     )
     assert encoder.backbone.pos_embed.shape == (1, 1 + 16, 32)
+
+
+def test_sincos_position_table_is_fixed_and_learn_is_trained():
+    torch.manual_seed(0)
+    encoder = ImageEncoder(tiny_config())  # sincos by default
+    table = encoder.backbone.pos_embed
+    assert not table.requires_grad
+    assert encoder.fixed_parameter_names() == {"backbone.pos_embed"}
+    torch.testing.assert_close(table[0, 0], torch.zeros(32))  # the class token's entry
+    torch.testing.assert_close(table[0, 1:], build_sincos2d_pos_embed([4, 4], dim=32))
+    before = table.detach().clone()
+    optimiser = adamw(encoder, lr=0.1, weight_decay=0.05)
+    encoder(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    optimiser.step()
+    torch.testing.assert_close(encoder.backbone.pos_embed.detach(), before, rtol=0, atol=0)
+    assert not torch.equal(encoder.backbone.patch_embed.proj.weight.detach(),
+                           ImageEncoder(tiny_config()).backbone.patch_embed.proj.weight)
+
+    learned = ImageEncoder(tiny_config(pos_embed="learn"))
+    assert learned.backbone.pos_embed.requires_grad and not learned.fixed_parameter_names()
+    assert learned.backbone.pos_embed.abs().max() < 0.1  # timm's near-zero start
+    assert set(learned.state_dict()) == set(encoder.state_dict())  # checkpoints load either way
+
+
+def test_sincos_with_weights_or_an_unknown_table_is_refused():
+    with pytest.raises(ValueError, match=r"pos_embed 'sincos'.*vit\.pth.*'learn'"):
+        tiny_config(weights="vit.pth")
+    with pytest.raises(ValueError, match=r"pos_embed must be one of .*'rope'"):
+        tiny_config(pos_embed="rope")
+    with pytest.raises(ValueError, match="width divisible by 4, got width 30"):
+        ImageEncoder(tiny_config(width=30))

@@ -192,10 +192,15 @@ def test_freeze_encoder_toggles_requires_grad():
     freeze_encoder(model, image=False, gene=True)
     assert not any(p.requires_grad for p in model.gene_encoder.parameters())
     trainable = {n for n, p in model.image_encoder.named_parameters() if p.requires_grad}
+    # the projection is unused here and the sin-cos position table is never trained
     assert trainable == {n for n, _ in model.image_encoder.named_parameters()} - {
         "proj.weight",
         "proj.bias",
+        "backbone.pos_embed",
     }
+    learned = make_model("film", pos_embed="learn")
+    freeze_encoder(learned, image=False, gene=False)
+    assert learned.image_encoder.backbone.pos_embed.requires_grad
 
 
 def test_unet_baseline_keeps_the_input_size_and_takes_no_genes():

@@ -294,5 +294,7 @@ def freeze_encoder(model: nn.Module, *, image: bool, gene: bool) -> None:
         encoder = getattr(model, prefix, None)
         if encoder is None:
             continue
+        fixed = getattr(encoder, "fixed_parameter_names", set)()  # e.g. a sin-cos table
         for name, param in encoder.named_parameters():
-            param.requires_grad_(not frozen and f"{prefix}.{name}" not in unused)
+            param.requires_grad_(not frozen and f"{prefix}.{name}" not in unused
+                                 and name not in fixed)

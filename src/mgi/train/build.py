@@ -51,6 +51,7 @@ def image_config(settings: dict, *, in_chans: int) -> ImageEncoderConfig:
         num_heads=image["num_heads"],
         embed_dim=settings["model"]["embed_dim"],
         weights=image["weights"],
+        pos_embed=image["pos_embed"],
     )
 
 
