@@ -75,7 +75,7 @@ def snakemake(workdir: Path, *args: str, **variables: str) -> float:
 
 @pytest.fixture(scope="module")
 def demo(cluster, tmp_path_factory) -> dict:
-    """The demo cohort run locally and through SLURM, in two folders."""
+    """The demo config made smaller (DEMO_SMALLER), run locally and through SLURM."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     for section, values in DEMO_SMALLER.items():
         config[section].update(values)
