@@ -115,7 +115,10 @@ def make_results(root: Path, variants: dict[str, float | None], *,
     retrieval = {split: {"n_patients": sum(s == split for s in SPLIT.values()),
                          "gene_to_image": scores, "image_to_gene": scores}
                  for split in ("train", "val", "test")}
-    retrieval["test"] |= {"cases": TEST, "similarity": np.eye(4).round(3).tolist()}
+    plain = {**scores, "recall@1": 0.25, "p_recall@1": 0.6}
+    retrieval["test"] |= {"cases": TEST, "similarity": np.eye(4).round(3).tolist(),
+                          "gene_to_image": {**scores, "p_recall@1": 0.03},
+                          "uncentred": {"gene_to_image": plain, "image_to_gene": plain}}
     retrieval |= {"best_epoch": 3, "device": "CPU, 2 threads"}
     (root / "pretrain").mkdir()
     (root / "pretrain" / "retrieval.json").write_text(json.dumps(retrieval))
@@ -207,8 +210,14 @@ def test_the_report_says_what_it_found_in_sentences_from_the_numbers(one_failed)
     assert found.startswith(f"mgi − vit_scratch: Dice +{diff:.3f} [+")
     assert "mgi better (interval above zero) on n = 4 patients" in found
     assert "cannot reach p < 0.05" in found  # 4 patients: say why the p-value stays high
-    assert "Pre-training: test gene → image recall@1 0.50 against chance 0.25" in html
-    assert "alignment on held-out patients not shown" in html  # permutation p 0.21
+    assert ("Pre-training: test recall@1 gene → image 0.50 (permutation p = 0.03) and image → "
+            "gene 0.50 (permutation p = 0.21) against chance 0.25 (n = 4 patients): the alignment "
+            "carries over to held-out patients one way only.") in unescape(html)
+    table = html.split('id="retrieval"')[1].split("</table>")[0]
+    rows = table.split("<tr>")[2:]
+    assert [r.split("</td>")[1].removeprefix("<td>") for r in rows] == (
+        ["centred"] * 2 + ["plain cosine"] * 2)
+    assert [r.split("</td>")[2].removeprefix("<td>") for r in rows] == ["0.500"] * 2 + ["0.250"] * 2
     assert "published, not measured here" in html
     assert "empty truth mask" in html and "ignore_empty=False" in html
 

@@ -186,13 +186,18 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
 def retrieval_finding(retrieval: dict) -> str:
     """One sentence on whether pre-training's alignment carries over to the test patients."""
     test = retrieval["test"]
-    g2i = test["gene_to_image"]
-    p = g2i.get("p_recall@1", float("nan"))
-    shown = ("the alignment carries over to held-out patients" if p < 0.05
-             else "alignment on held-out patients not shown")
-    return (f"Pre-training: test gene → image recall@1 {g2i['recall@1']:.2f} against chance "
-            f"{g2i['chance@1']:.2f} (permutation {_p(p)}, n = {test['n_patients']} patients): "
-            f"{shown}.")
+    parts, shown = [], []
+    for direction, arrow in (("gene_to_image", "gene → image"), ("image_to_gene", "image → gene")):
+        scores = test[direction]
+        p = scores.get("p_recall@1", float("nan"))
+        parts.append(f"{arrow} {scores['recall@1']:.2f} (permutation {_p(p)})")
+        shown.append(p < 0.05)
+    verdict = ("the alignment carries over to held-out patients both ways" if all(shown)
+               else "the alignment carries over to held-out patients one way only" if any(shown)
+               else "alignment on held-out patients not shown")
+    return (f"Pre-training: test recall@1 {' and '.join(parts)} against chance "
+            f"{test['gene_to_image']['chance@1']:.2f} (n = {test['n_patients']} patients): "
+            f"{verdict}.")
 
 
 def attribution_finding(summary: dict, table: pd.DataFrame, enrichment: dict | None) -> str:
