@@ -17,6 +17,7 @@ from mgi.evaluate.report import (
     BASELINE_ORDER,
     comparison_finding,
     ordered_variants,
+    retrieval_finding,
     write_report,
 )
 from mgi.imaging.bank import write_bank
@@ -115,10 +116,8 @@ def make_results(root: Path, variants: dict[str, float | None], *,
     retrieval = {split: {"n_patients": sum(s == split for s in SPLIT.values()),
                          "gene_to_image": scores, "image_to_gene": scores}
                  for split in ("train", "val", "test")}
-    plain = {**scores, "recall@1": 0.25, "p_recall@1": 0.6}
     retrieval["test"] |= {"cases": TEST, "similarity": np.eye(4).round(3).tolist(),
-                          "gene_to_image": {**scores, "p_recall@1": 0.03},
-                          "uncentred": {"gene_to_image": plain, "image_to_gene": plain}}
+                          "gene_to_image": {**scores, "p_recall@1": 0.03}}
     retrieval |= {"best_epoch": 3, "device": "CPU, 2 threads"}
     (root / "pretrain").mkdir()
     (root / "pretrain" / "retrieval.json").write_text(json.dumps(retrieval))
@@ -210,16 +209,31 @@ def test_the_report_says_what_it_found_in_sentences_from_the_numbers(one_failed)
     assert found.startswith(f"mgi − vit_scratch: Dice +{diff:.3f} [+")
     assert "mgi better (interval above zero) on n = 4 patients" in found
     assert "cannot reach p < 0.05" in found  # 4 patients: say why the p-value stays high
-    assert ("Pre-training: test recall@1 gene → image 0.50 (permutation p = 0.03) and image → "
-            "gene 0.50 (permutation p = 0.21) against chance 0.25 (n = 4 patients): the alignment "
-            "carries over to held-out patients one way only.") in unescape(html)
-    table = html.split('id="retrieval"')[1].split("</table>")[0]
-    rows = table.split("<tr>")[2:]
-    assert [r.split("</td>")[1].removeprefix("<td>") for r in rows] == (
-        ["centred"] * 2 + ["plain cosine"] * 2)
-    assert [r.split("</td>")[2].removeprefix("<td>") for r in rows] == ["0.500"] * 2 + ["0.250"] * 2
+    assert ("Pre-training, 4 test patients: recall@1 gene → image 0.50 (permutation p = 0.03) "
+            "and image → gene 0.50 (permutation p = 0.21) against chance 0.25; recall@5 gene → "
+            "image 1.00 (permutation p = 1) and image → gene 1.00 (permutation p = 1) against "
+            "chance 1.00: the nearest match is above chance gene → image only.") in unescape(html)
     assert "published, not measured here" in html
     assert "empty truth mask" in html and "ignore_empty=False" in html
+
+
+@pytest.mark.parametrize(("p_at_1", "p_at_5", "verdict"), [
+    ((0.01, 0.02), (0.01, 0.01), "the nearest match is above chance both ways"),
+    ((0.3, 0.02), (0.01, 0.01), "the nearest match is above chance image → gene only"),
+    ((0.3, 0.6), (0.01, 0.2), "not above chance either way; the top five are gene → image only"),
+    ((0.3, 0.6), (0.01, 0.01), "not above chance either way; the top five are both ways"),
+    ((0.3, 0.6), (0.2, 0.2), "alignment on held-out patients not shown"),
+])
+def test_retrieval_sentence_follows_both_directions(p_at_1, p_at_5, verdict):
+    def scores(p1: float, p5: float) -> dict:
+        return {"recall@1": 0.2, "chance@1": 0.04, "p_recall@1": p1, "recall@5": 0.5,
+                "chance@5": 0.21, "p_recall@5": p5}
+
+    test = {"n_patients": 24, "gene_to_image": scores(p_at_1[0], p_at_5[0]),
+            "image_to_gene": scores(p_at_1[1], p_at_5[1])}
+    sentence = retrieval_finding({"test": test})
+    assert sentence.startswith("Pre-training, 24 test patients: recall@1 gene → image 0.20")
+    assert sentence.endswith(verdict + ".")
 
 
 @pytest.mark.parametrize(("interval", "verdict"), [

@@ -55,51 +55,6 @@ def test_clip_model_needs_one_embedding_size():
         ClipModel(gene, image)
 
 
-def test_centres_start_at_zero_then_hold_the_mean_unit_embedding():
-    torch.manual_seed(0)
-    model = ClipModel(*tiny_configs())
-    features = torch.randn(5, 16)
-    torch.testing.assert_close(model.centre_images(features), F.normalize(features, dim=-1))
-    torch.testing.assert_close(model.centre_genes(features), F.normalize(features, dim=-1))
-    images, genes = torch.randn(7, 16) + 2.0, torch.randn(7, 16) - 1.0
-    model.set_centres(images, genes)
-    torch.testing.assert_close(model.image_centre, F.normalize(images, dim=-1).mean(0))
-    torch.testing.assert_close(model.gene_centre, F.normalize(genes, dim=-1).mean(0))
-    expected = F.normalize(F.normalize(images, dim=-1) - model.image_centre, dim=-1)
-    torch.testing.assert_close(model.centre_images(F.normalize(images, dim=-1)), expected)
-    reloaded = ClipModel(*tiny_configs())
-    reloaded.load_state_dict(model.state_dict())  # the centres travel with the weights
-    torch.testing.assert_close(reloaded.gene_centre, model.gene_centre)
-    with pytest.raises(ValueError, match="set_centres"):
-        model.set_centres(torch.randn(16), genes)
-
-
-def test_centring_removes_the_hubs_a_shared_image_direction_makes():
-    """Images share a direction c; genes hold c in differing amounts. Raw cosine makes the genes
-    with most c every image's nearest gene; centring on separate train patients undoes it."""
-    g = torch.Generator().manual_seed(0)
-    dim = 256
-    common = F.normalize(torch.randn(dim, generator=g), dim=0)
-
-    def patients(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        own = F.normalize(torch.randn(n, dim, generator=g), dim=-1)  # nearly orthogonal
-        amount = 3 * torch.rand(n, 1, generator=g) ** 3  # mostly little, a few a lot
-        return (F.normalize(3 * common + own, dim=-1),
-                F.normalize(own + amount * common + 0.3 * torch.randn(n, dim, generator=g)
-                            / math.sqrt(dim), dim=-1))
-
-    test_images, test_genes = patients(24)
-    raw = retrieval_metrics(test_images, test_genes, ks=(1,))
-    model = ClipModel(*tiny_configs(embed_dim=dim))
-    model.set_centres(*patients(200))
-    centred = retrieval_metrics(model.centre_images(test_images), model.centre_genes(test_genes),
-                                ks=(1,))
-    # one way only, as in the demo: a gene's share of c is the same for every image it meets
-    assert raw["gene_to_image_recall@1"] == 1.0 and raw["image_to_gene_recall@1"] < 0.5
-    assert centred["image_to_gene_recall@1"] == 1.0
-    assert centred["gene_to_image_recall@1"] == 1.0
-
-
 def test_clip_loss_equals_hand_computed_value():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     gene = torch.tensor([[1.0, 0.0], [0.6, 0.8]])

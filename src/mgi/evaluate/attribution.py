@@ -1,9 +1,8 @@
 """Which genes the aligned embedding leans on: Integrated Gradients of the image–gene similarity.
 
-For each held-out patient, f = cos(gene embedding of its sequence, its own image embedding) in
-the retrieval space (each side less its train-patient centre, `ClipModel.set_centres`), the image
-side fixed (the mean of its items' embeddings, as in retrieval). Attributions come from captum's
-Integrated Gradients:
+For each held-out patient, f = cos(gene embedding of its sequence, its own image embedding), the
+image side fixed (the mean of its items' embeddings, as in retrieval). Attributions come from
+captum's Integrated Gradients:
 
 * Mamba and Transformer gene encoders: the input embedding of each position (token + value
   embedding, the output of `gene_encoder.dropout`) is scaled from zero, which is what the
@@ -52,27 +51,19 @@ TABLE_COLUMNS = ["rank", "gene_id", "gene_name", "token_id", "mean_abs", "mean_s
 
 
 def _similarity(gene_encoder: torch.nn.Module, token_ids: Tensor, values: Tensor,
-                image_features: Tensor, gene_centre: Tensor | None = None) -> Tensor:
-    """Cosine similarity of each row's gene embedding (less `gene_centre`, renormalised, when
-    given) with its (unit-norm) image embedding."""
+                image_features: Tensor) -> Tensor:
+    """Cosine similarity of each row's gene embedding with its (unit-norm) image embedding."""
     genes = F.normalize(gene_encoder(token_ids, values), dim=-1)
-    if gene_centre is not None:
-        genes = F.normalize(genes - gene_centre, dim=-1)
     return (genes * image_features).sum(-1)
 
 
 def similarity_attributions(gene_encoder: torch.nn.Module, token_ids: Tensor, values: Tensor,
-                            image_features: Tensor, *, gene_centre: Tensor | None = None,
-                            n_steps: int = 64,
+                            image_features: Tensor, *, n_steps: int = 64,
                             internal_batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-position attributions (B, L) of the similarity and their completeness errors (B,).
 
-    `image_features` are (B, D) targets (normalised here); `gene_centre` (D,), when given, is
-    removed from the unit gene embeddings first. The module docstring has the path.
+    `image_features` are (B, D) targets (normalised here); the module docstring has the path.
     """
-    def similarity(tokens: Tensor, vals: Tensor, images: Tensor) -> Tensor:
-        return _similarity(gene_encoder, tokens, vals, images, gene_centre)
-
     from captum.attr import IntegratedGradients
 
     gene_encoder.eval()
@@ -80,7 +71,7 @@ def similarity_attributions(gene_encoder: torch.nn.Module, token_ids: Tensor, va
     token_ids, values = token_ids.long(), values.float()
     if gene_encoder.cfg.kind == "mlp":
         def by_values(vals: Tensor, tokens: Tensor, images: Tensor) -> Tensor:
-            return similarity(tokens, vals, images)
+            return _similarity(gene_encoder, tokens, vals, images)
 
         ig = IntegratedGradients(by_values)
         attr, delta = ig.attribute(values, baselines=torch.zeros_like(values),
@@ -93,7 +84,7 @@ def similarity_attributions(gene_encoder: torch.nn.Module, token_ids: Tensor, va
         scale = (PATH_FLOOR ** (1.0 - t)).unsqueeze(-1)
         hook = gene_encoder.dropout.register_forward_hook(lambda m, i, out: out * scale)
         try:
-            return similarity(tokens, vals, images)
+            return _similarity(gene_encoder, tokens, vals, images)
         finally:
             hook.remove()
 
@@ -103,10 +94,10 @@ def similarity_attributions(gene_encoder: torch.nn.Module, token_ids: Tensor, va
                         additional_forward_args=(token_ids, values, image_features),
                         n_steps=n_steps, internal_batch_size=internal_batch_size).detach()
     with torch.no_grad():
-        full = similarity(token_ids, values, image_features)
+        full = _similarity(gene_encoder, token_ids, values, image_features)
         hook = gene_encoder.dropout.register_forward_hook(lambda m, i, out: torch.zeros_like(out))
         try:
-            base = similarity(token_ids, values, image_features)
+            base = _similarity(gene_encoder, token_ids, values, image_features)
         finally:
             hook.remove()
     return attr, attr.sum(1) - (full - base)
@@ -198,7 +189,7 @@ def gene_attribution(*, model_path: Path, sequences_path: Path, vocab_path: Path
         token_ids, gene_values = data.genes(np.array([np.flatnonzero(data.item_case == c)[0]
                                                       for c in split_cases]))
         cases += split_cases
-        images.append(model.centre_images(split_images))
+        images.append(split_images)
         tokens.append(token_ids)
         values.append(gene_values)
     if not cases:
@@ -206,12 +197,10 @@ def gene_attribution(*, model_path: Path, sequences_path: Path, vocab_path: Path
     token_ids, gene_values = torch.cat(tokens).to(device), torch.cat(values).to(device)
     image_features = torch.cat(images).to(device)
     attr, delta = similarity_attributions(model.gene_encoder, token_ids, gene_values,
-                                          image_features, gene_centre=model.gene_centre,
-                                          n_steps=n_steps,
+                                          image_features, n_steps=n_steps,
                                           internal_batch_size=INTERNAL_BATCH)
     with torch.no_grad():
-        similarity = _similarity(model.gene_encoder, token_ids, gene_values, image_features,
-                                 model.gene_centre)
+        similarity = _similarity(model.gene_encoder, token_ids, gene_values, image_features)
     attr, delta, similarity = attr.cpu(), delta.cpu(), similarity.cpu()
     token_ids = token_ids.cpu()
     table = per_gene(attr.numpy().astype(np.float64), token_ids.numpy(), vocab)
@@ -228,8 +217,7 @@ def gene_attribution(*, model_path: Path, sequences_path: Path, vocab_path: Path
                    "embedding (log-spaced path)"),
         "baseline": "zero values" if model.gene_encoder.cfg.kind == "mlp"
         else "all-zero embedding (the encoder's PAD)",
-        "target": "cosine similarity of a patient's gene embedding and its own image embedding, "
-                  "each less its train-patient centre (the retrieval space)",
+        "target": "cosine similarity of a patient's gene embedding and its own image embedding",
         "encoder": model.gene_encoder.cfg.kind,
         "splits": list(splits), "n_patients": len(cases), "cases": cases, "n_steps": n_steps,
         "mean_similarity": float(similarity.mean()),

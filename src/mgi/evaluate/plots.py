@@ -35,8 +35,7 @@ def pretrain_curves(history: pd.DataFrame, *, chance: float) -> bytes:
 
 
 def similarity_matrix(similarity: list[list[float]], cases: list[str]) -> bytes:
-    """Similarity of test patients' gene embeddings (rows) and image embeddings (columns), as
-    retrieval ranks them (cosine of the centred embeddings)."""
+    """Cosine similarity of test patients' gene embeddings (rows) and image embeddings (columns)."""
     fig, ax = plt.subplots(figsize=(4, 3.6))
     im = ax.imshow(np.asarray(similarity), cmap="viridis")
     ax.set(xlabel="image of patient", ylabel="genes of patient", title="Test similarity")

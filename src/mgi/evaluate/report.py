@@ -184,19 +184,32 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
 
 
 def retrieval_finding(retrieval: dict) -> str:
-    """One sentence on whether pre-training's alignment carries over to the test patients."""
+    """One sentence on whether pre-training's alignment carries over to the test patients, both
+    directions, at recall@1 and recall@5 (where the shown numbers allow)."""
     test = retrieval["test"]
-    parts, shown = [], []
-    for direction, arrow in (("gene_to_image", "gene → image"), ("image_to_gene", "image → gene")):
-        scores = test[direction]
-        p = scores.get("p_recall@1", float("nan"))
-        parts.append(f"{arrow} {scores['recall@1']:.2f} (permutation {_p(p)})")
-        shown.append(p < 0.05)
-    verdict = ("the alignment carries over to held-out patients both ways" if all(shown)
-               else "the alignment carries over to held-out patients one way only" if any(shown)
-               else "alignment on held-out patients not shown")
-    return (f"Pre-training: test recall@1 {' and '.join(parts)} against chance "
-            f"{test['gene_to_image']['chance@1']:.2f} (n = {test['n_patients']} patients): "
+    directions = (("gene_to_image", "gene → image"), ("image_to_gene", "image → gene"))
+    clauses, above = [], {}
+    for k in (1, 5):
+        key = f"recall@{k}"
+        if not all(key in test[d] for d, _ in directions):
+            continue
+        ps = {d: test[d].get(f"p_{key}", float("nan")) for d, _ in directions}
+        above[k] = [arrow for d, arrow in directions if ps[d] < 0.05]
+        clauses.append(f"recall@{k} " + " and ".join(
+            f"{arrow} {test[d][key]:.2f} (permutation {_p(ps[d])})" for d, arrow in directions)
+            + f" against chance {test['gene_to_image'][f'chance@{k}']:.2f}")
+
+    def ways(arrows: list[str]) -> str:
+        return "both ways" if len(arrows) == 2 else f"{arrows[0]} only"
+
+    if above.get(1):
+        verdict = f"the nearest match is above chance {ways(above[1])}"
+    elif above.get(5):
+        verdict = (f"the nearest match is not above chance either way; the top five are "
+                   f"{ways(above[5])}")
+    else:
+        verdict = "alignment on held-out patients not shown"
+    return (f"Pre-training, {test['n_patients']} test patients: {'; '.join(clauses)}: "
             f"{verdict}.")
 
 

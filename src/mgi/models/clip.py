@@ -45,10 +45,6 @@ class ClipModel(nn.Module):
         self.image_encoder = ImageEncoder(image)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_logit_scale = float(max_logit_scale)
-        # The train patients' mean unit embeddings, removed before retrieval (`centre_*`). Zero,
-        # i.e. plain cosine, until pre-training sets them from its final weights (`set_centres`).
-        self.register_buffer("image_centre", torch.zeros(image.embed_dim))
-        self.register_buffer("gene_centre", torch.zeros(gene.embed_dim))
 
     def encode_image(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings (B, embed_dim)."""
@@ -57,33 +53,6 @@ class ClipModel(nn.Module):
     def encode_genes(self, token_ids: Tensor, values: Tensor) -> Tensor:
         """L2-normalised gene embeddings (B, embed_dim)."""
         return F.normalize(self.gene_encoder(token_ids, values), dim=-1)
-
-    def centre_images(self, features: Tensor) -> Tensor:
-        """Retrieval-space image features: unit features less `image_centre`, renormalised."""
-        return F.normalize(features - self.image_centre.to(features), dim=-1)
-
-    def centre_genes(self, features: Tensor) -> Tensor:
-        """Retrieval-space gene features: unit features less `gene_centre`, renormalised."""
-        return F.normalize(features - self.gene_centre.to(features), dim=-1)
-
-    @torch.no_grad()
-    def set_centres(self, image_features: Tensor, gene_features: Tensor) -> None:
-        """Set each modality's centre to the mean of these unit features (the train patients').
-
-        Why centre: the unit embeddings of one modality share a large common direction (in the
-        demo the train patients' mean image embedding has norm 0.8). A gene embedding's overlap
-        with that direction adds the same amount to its similarity with every image, so a few
-        gene embeddings become the nearest neighbour of most images (hubs) and image -> gene
-        retrieval suffers. Removing each modality's mean, estimated on training data only, is the
-        standard remedy (Suzuki et al. 2013, "Centering similarity measures to reduce hubs").
-        """
-        if image_features.dim() != 2 or gene_features.dim() != 2 or not len(image_features):
-            raise ValueError(
-                f"set_centres needs (N, D) image and gene features with N >= 1, got "
-                f"{tuple(image_features.shape)} and {tuple(gene_features.shape)}"
-            )
-        self.image_centre.copy_(F.normalize(image_features.float(), dim=-1).mean(0))
-        self.gene_centre.copy_(F.normalize(gene_features.float(), dim=-1).mean(0))
 
     def forward(
         self, images: Tensor, token_ids: Tensor, values: Tensor

@@ -200,11 +200,8 @@ def _check_finite(fabric, value: torch.Tensor | float, what: str, *, epoch: int,
 
 def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, *,
             device: torch.device, out_dir: Path, processes: int) -> dict:
-    """Load the best weights, centre on the train patients, score retrieval on every split, write
-    retrieval.json and model.pt."""
+    """Load the best weights, score retrieval on every split, write retrieval.json and model.pt."""
     raw.load_state_dict(state["best"]["state_dict"])
-    _, train_images, train_genes = case_embeddings(raw, data, "train", device=device)
-    raw.set_centres(train_images, train_genes)
     retrieval = {
         split: case_retrieval(raw, data, split, device=device, permutations=1000)
         for split in ("train", "val", "test")
@@ -283,35 +280,20 @@ def _by_direction(flat: dict[str, float]) -> dict:
 
 def case_retrieval(model: ClipModel, data: CohortData, split: str, *, device: torch.device,
                    permutations: int = 0) -> dict:
-    """Patient-level retrieval (gene->image, image->gene) with chance and permutation p-values.
-
-    Scored in the model's retrieval space (each modality less its train-patient centre, see
-    `ClipModel.set_centres`); with permutations, the plain cosine scores are kept too, under
-    "uncentred", so that the effect of centring can be read.
-    """
+    """Patient-level retrieval (gene->image, image->gene) with chance and permutation p-values."""
     cases, images, genes = case_embeddings(model, data, split, device=device)
-    centred_images, centred_genes = model.centre_images(images), model.centre_genes(genes)
-    result = _scores(centred_images, centred_genes, permutations=permutations)
+    result = _by_direction(retrieval_metrics(images, genes, ks=RETRIEVAL_KS))
     result["n_patients"] = len(cases)
     if permutations:
-        result["uncentred"] = _scores(images, genes, permutations=permutations)
+        rng = np.random.default_rng(0)
+        null = [_by_direction(retrieval_metrics(
+            images, genes[torch.from_numpy(rng.permutation(len(cases)))], ks=RETRIEVAL_KS))
+            for _ in range(permutations)]
+        for direction in ("gene_to_image", "image_to_gene"):
+            for key in [k for k in result[direction] if k.startswith("recall@")]:
+                observed = result[direction][key]
+                exceed = sum(n[direction][key] >= observed for n in null)
+                result[direction][f"p_{key}"] = (1 + exceed) / (1 + permutations)
         result["cases"] = cases
-        result["similarity"] = (centred_genes @ centred_images.T).round(decimals=4).tolist()
-    return result
-
-
-def _scores(images: torch.Tensor, genes: torch.Tensor, *, permutations: int) -> dict:
-    """Recall@k, chance and mean rank by direction; p-values from permutations of the pairing."""
-    result = _by_direction(retrieval_metrics(images, genes, ks=RETRIEVAL_KS))
-    if not permutations:
-        return result
-    rng = np.random.default_rng(0)
-    null = [_by_direction(retrieval_metrics(
-        images, genes[torch.from_numpy(rng.permutation(len(genes)))], ks=RETRIEVAL_KS))
-        for _ in range(permutations)]
-    for direction in ("gene_to_image", "image_to_gene"):
-        for key in [k for k in result[direction] if k.startswith("recall@")]:
-            observed = result[direction][key]
-            exceed = sum(n[direction][key] >= observed for n in null)
-            result[direction][f"p_{key}"] = (1 + exceed) / (1 + permutations)
+        result["similarity"] = (genes @ images.T).round(decimals=4).tolist()
     return result
