@@ -184,27 +184,25 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
 
 
 def retrieval_finding(retrieval: dict) -> str:
-    """One sentence on whether pre-training's alignment carries over to the test patients, both
-    directions, at recall@1 and recall@5 (where the shown numbers allow)."""
+    """One sentence on whether pre-training's alignment carries over to the test patients:
+    recall@1 and recall@5, both directions."""
     test = retrieval["test"]
     directions = (("gene_to_image", "gene → image"), ("image_to_gene", "image → gene"))
     clauses, above = [], {}
     for k in (1, 5):
         key = f"recall@{k}"
-        if not all(key in test[d] for d, _ in directions):
-            continue
         ps = {d: test[d].get(f"p_{key}", float("nan")) for d, _ in directions}
         above[k] = [arrow for d, arrow in directions if ps[d] < 0.05]
-        clauses.append(f"recall@{k} " + " and ".join(
-            f"{arrow} {test[d][key]:.2f} (permutation {_p(ps[d])})" for d, arrow in directions)
-            + f" against chance {test['gene_to_image'][f'chance@{k}']:.2f}")
+        scores = " and ".join(f"{arrow} {test[d][key]:.2f} (permutation {_p(ps[d])})"
+                              for d, arrow in directions)
+        clauses.append(f"{key} {scores} against chance {test['gene_to_image'][f'chance@{k}']:.2f}")
 
     def ways(arrows: list[str]) -> str:
         return "both ways" if len(arrows) == 2 else f"{arrows[0]} only"
 
-    if above.get(1):
+    if above[1]:
         verdict = f"the nearest match is above chance {ways(above[1])}"
-    elif above.get(5):
+    elif above[5]:
         verdict = (f"the nearest match is not above chance either way; the top five are "
                    f"{ways(above[5])}")
     else:
