@@ -43,3 +43,20 @@ def test_unlabelled_images_serve_pretraining_only(tmp_path):
     assert data.item_case[data.items("train")].tolist() == ["A", "A", "B", "B"]
     assert data.item_case[data.items("train", labelled=True)].tolist() == ["A", "A"]
     assert data.item_case[data.items("test", labelled=True)].tolist() == ["C", "C"]
+
+
+def test_banks_held_in_memory_serve_what_the_files_hold(tiny_cohort):
+    """A small cohort is read once into memory; its items and masks are those read on demand."""
+    from mgi.train.data import load_cohort
+
+    paths = {"sequences_path": tiny_cohort.sequences, "splits_path": tiny_cohort.splits,
+             "qc_path": tiny_cohort.qc}
+    on_demand = load_cohort(**paths, in_memory_bytes=0)
+    in_memory = load_cohort(**paths)
+    assert not on_demand.images.load_into_memory(max_bytes=on_demand.images.nbytes - 1)
+    assert in_memory.images.nbytes == len(in_memory.images) * 4 * 16 * 16
+    items = np.array([5, 0, 5, len(in_memory.images) - 1])
+    np.testing.assert_array_equal(in_memory.images[items], on_demand.images[items])
+    np.testing.assert_array_equal(in_memory.masks[items], on_demand.masks[items])
+    np.testing.assert_array_equal(in_memory.images[3], on_demand.images[3])
+    assert in_memory.masks[items].sum() > 0

@@ -54,12 +54,15 @@ class ClipModel(nn.Module):
         """L2-normalised gene embeddings (B, embed_dim)."""
         return F.normalize(self.gene_encoder(token_ids, values), dim=-1)
 
+    def scale(self) -> Tensor:
+        """The logit scale (1 / temperature), clamped to `max_logit_scale`."""
+        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
     def forward(
         self, images: Tensor, token_ids: Tensor, values: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(image features, gene features, logit scale): unit-norm features, exp(scale) <= max."""
-        scale = self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
-        return self.encode_image(images), self.encode_genes(token_ids, values), scale
+        return self.encode_image(images), self.encode_genes(token_ids, values), self.scale()
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -38,6 +38,25 @@ class BankArray:
         self.item_shape = (channels, height, width) if field == "images" else (height, width)
         self._handles: dict[Path, h5py.File] = {}
         self._pid = os.getpid()
+        self._in_memory: list[np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every item as served (float32 images, uint8 masks)."""
+        per_item = int(np.prod(self.item_shape)) * (4 if self.field == "images" else 1)
+        return len(self) * per_item
+
+    def load_into_memory(self, *, max_bytes: int) -> bool:
+        """Read every bank once and serve items from memory, when they fit in `max_bytes`.
+
+        A small cohort (the demo's banks hold about 10 MB) is then not read from HDF5 item by
+        item at every step; a TCGA slide cohort stays on disk. True when loaded.
+        """
+        if self.nbytes > max_bytes:
+            return False
+        self._in_memory = [self._read(bank, np.arange(header.n_items))
+                           for bank, header in enumerate(self.headers)]
+        return True
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,6 +74,8 @@ class BankArray:
         return self._handles[header.path]
 
     def _read(self, bank: int, rows: np.ndarray) -> np.ndarray:
+        if self._in_memory is not None:
+            return self._in_memory[bank][rows]
         header = self.headers[bank]
         if self.field == "masks":
             if not header.has_masks:
@@ -81,6 +102,9 @@ class BankArray:
         return {**self.__dict__, "_handles": {}}
 
 log = logging.getLogger(__name__)
+
+# Cohorts whose model-ready pixels fit in this are held in memory (see load_cohort)
+IN_MEMORY_BYTES = 1 << 30
 
 
 @dataclass
@@ -124,11 +148,13 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> CohortData:
-    """Every usable bank item of the paired patients, with split and gene rows (pixels on demand).
+def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path,
+                in_memory_bytes: int = IN_MEMORY_BYTES) -> CohortData:
+    """Every usable bank item of the paired patients, with split and gene rows.
 
     Banks sit beside the QC table (`images/{image_id}.h5`); failed images are skipped (their
-    reason is in the QC table).
+    reason is in the QC table). Pixels and masks are read on demand, or held in memory when
+    each fits in `in_memory_bytes`.
     """
     sequences = read_sequences(sequences_path)
     splits = read_tsv(splits_path, required=["case_id", "split"])
@@ -159,10 +185,16 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path) -> Co
         coords.append(np.asarray(header.coords)[:, 0] if n else np.zeros(0))
     if not headers:
         raise TrainingError(f"{qc_path}: no usable image of a paired patient")
-    log.info("%d items of %d patients in %d banks", len(cases), len(set(cases)), len(headers))
+    images = BankArray(headers, field="images")
+    masks = BankArray(headers, field="masks") if any(h.has_masks for h in headers) else None
+    in_memory = images.load_into_memory(max_bytes=in_memory_bytes)
+    if masks is not None:
+        masks.load_into_memory(max_bytes=in_memory_bytes)
+    log.info("%d items of %d patients in %d banks (%s)", len(cases), len(set(cases)),
+             len(headers), "held in memory" if in_memory else "read on demand")
     return CohortData(
-        images=BankArray(headers, field="images"),
-        masks=BankArray(headers, field="masks") if any(h.has_masks for h in headers) else None,
+        images=images,
+        masks=masks,
         item_case=np.array(cases, dtype=object),
         item_split=np.array(item_splits, dtype=object),
         item_coord=np.concatenate(coords),

@@ -73,7 +73,7 @@ def pretrain(
                                               shift=opts["augment_shift"],
                                               size=data.images.shape[-1]),
                          gene_dropout=opts["gene_dropout"])
-    val_pairs = PatientPairs(data, data.items("val"), seed=settings["seed"])
+    val_draws = validation_draws(PatientPairs(data, data.items("val"), seed=settings["seed"]))
     batch_size = min(opts["batch_size"], len(pairs))
     if batch_size % world:
         raise ConfigError(
@@ -153,7 +153,7 @@ def pretrain(
                              "train/negatives": loss_fn.n_candidates}, step=state["step"])
             if opts["checkpoint_every"] and state["step"] % opts["checkpoint_every"] == 0:
                 checkpoint(epoch, index + 1)
-        val_loss, val = validate(raw, eval_loss_fn, val_pairs, device=fabric.device)
+        val_loss, val = validate(raw, eval_loss_fn, val_draws, device=fabric.device)
         val = val["gene_to_image"]
         row = {"epoch": epoch, "step": state["step"],
                "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
@@ -222,20 +222,31 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
     return retrieval
 
 
+def validation_draws(pairs: PatientPairs, *, rounds: int = 4) -> tuple[torch.Tensor, ...]:
+    """`rounds` fixed draws of one image per patient (rounds, P, C, H, W), with the patients'
+    token ids and values (P, L): what `validate` scores after every epoch, read once."""
+    draws = [[pairs[(draw, p)] for p in range(len(pairs))] for draw in range(rounds)]
+    images = torch.stack([torch.stack([image for image, _, _ in draw]) for draw in draws])
+    tokens = torch.stack([t for _, t, _ in draws[0]])
+    values = torch.stack([v for _, _, v in draws[0]])
+    return images, tokens, values
+
+
 @torch.no_grad()
-def validate(model: ClipModel, loss_fn: ClipLoss, pairs: PatientPairs, *, device: torch.device,
-             rounds: int = 4) -> tuple[float, dict]:
-    """Mean CLIP loss and patient retrieval of a split, from `rounds` fixed draws of one image per
-    patient (each patient's image embedding is the mean over its draws).
+def validate(model: ClipModel, loss_fn: ClipLoss, draws: tuple[torch.Tensor, ...], *,
+             device: torch.device) -> tuple[float, dict]:
+    """Mean CLIP loss and patient retrieval of a split over fixed image draws
+    (`validation_draws`); each patient's image embedding is the mean over its draws.
 
     A cheap, fixed check for every epoch; the final scores (`case_retrieval`) use every image.
     """
     model.eval()
+    images, tokens, values = draws
+    gene_f = model.encode_genes(tokens.to(device), values.to(device))
+    scale = model.scale()
     losses, image_feats = [], []
-    for draw in range(rounds):
-        batch = [pairs[(draw, p)] for p in range(len(pairs))]
-        images, tokens, values = (torch.stack(t).to(device) for t in zip(*batch, strict=True))
-        image_f, gene_f, scale = model(images, tokens, values)
+    for draw in images:
+        image_f = model.encode_image(draw.to(device))
         losses.append(loss_fn(image_f, gene_f, scale).item())
         image_feats.append(image_f.float().cpu())
     per_patient = torch.nn.functional.normalize(torch.stack(image_feats).mean(0), dim=-1)
