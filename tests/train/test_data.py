@@ -53,6 +53,8 @@ def test_banks_held_in_memory_serve_what_the_files_hold(tiny_cohort):
              "qc_path": tiny_cohort.qc}
     on_demand = load_cohort(**paths, in_memory_bytes=0)
     in_memory = load_cohort(**paths)
+    assert in_memory.images.in_memory and in_memory.masks.in_memory
+    assert not on_demand.images.in_memory and not on_demand.masks.in_memory
     assert not on_demand.images.load_into_memory(max_bytes=on_demand.images.nbytes - 1)
     assert in_memory.images.nbytes == len(in_memory.images) * 4 * 16 * 16
     items = np.array([5, 0, 5, len(in_memory.images) - 1])

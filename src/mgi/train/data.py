@@ -46,11 +46,16 @@ class BankArray:
         per_item = int(np.prod(self.item_shape)) * (4 if self.field == "images" else 1)
         return len(self) * per_item
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether items are served from memory (`load_into_memory`) rather than the files."""
+        return self._in_memory is not None
+
     def load_into_memory(self, *, max_bytes: int) -> bool:
         """Read every bank once and serve items from memory, when they fit in `max_bytes`.
 
-        A small cohort (the demo's banks hold about 10 MB) is then not read from HDF5 item by
-        item at every step; a TCGA slide cohort stays on disk. True when loaded.
+        A small cohort (the demo's banks hold 9 MB) is then not read from HDF5 item by item at
+        every step; a TCGA slide cohort stays on disk. True when loaded.
         """
         if self.nbytes > max_bytes:
             return False
@@ -74,7 +79,7 @@ class BankArray:
         return self._handles[header.path]
 
     def _read(self, bank: int, rows: np.ndarray) -> np.ndarray:
-        if self._in_memory is not None:
+        if self.in_memory:
             return self._in_memory[bank][rows]
         header = self.headers[bank]
         if self.field == "masks":
@@ -187,11 +192,11 @@ def load_cohort(*, sequences_path: Path, splits_path: Path, qc_path: Path,
         raise TrainingError(f"{qc_path}: no usable image of a paired patient")
     images = BankArray(headers, field="images")
     masks = BankArray(headers, field="masks") if any(h.has_masks for h in headers) else None
-    in_memory = images.load_into_memory(max_bytes=in_memory_bytes)
-    if masks is not None:
-        masks.load_into_memory(max_bytes=in_memory_bytes)
+    for array in (images, masks):
+        if array is not None:
+            array.load_into_memory(max_bytes=in_memory_bytes)
     log.info("%d items of %d patients in %d banks (%s)", len(cases), len(set(cases)),
-             len(headers), "held in memory" if in_memory else "read on demand")
+             len(headers), "held in memory" if images.in_memory else "read on demand")
     return CohortData(
         images=images,
         masks=masks,
