@@ -118,11 +118,12 @@ def make_results(root: Path, variants: dict[str, float | None], *,
                  for split in ("train", "val", "test")}
     retrieval["test"] |= {"cases": TEST, "similarity": np.eye(4).round(3).tolist(),
                           "gene_to_image": {**scores, "p_recall@1": 0.03}}
-    retrieval |= {"best_epoch": 3, "device": "CPU, 2 threads"}
+    retrieval |= {"best_epoch": 3, "kept_by": "val_mean_rank", "device": "CPU, 2 threads"}
     (root / "pretrain").mkdir()
     (root / "pretrain" / "retrieval.json").write_text(json.dumps(retrieval))
     _tsv(pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [2.3, 2.0, 1.7],
                        "val_loss": [1.4, 1.3, 1.35], "val_recall_at_1": [0.0, 0.5, 0.5],
+                       "val_image_to_gene_recall_at_1": [0.0, 0.0, 0.5],
                        "temperature": [0.07] * 3, "lr": [1e-3] * 3,
                        "seconds": [10.0, 20.0, 31.5]}), root / "pretrain" / "history.tsv")
     for variant, quality in variants.items():
@@ -213,6 +214,9 @@ def test_the_report_says_what_it_found_in_sentences_from_the_numbers(one_failed)
             "and image → gene 0.50 (permutation p = 0.21) against chance 0.25; recall@5 gene → "
             "image 1.00 (permutation p = 1) and image → gene 1.00 (permutation p = 1) against "
             "chance 1.00: the nearest match is above chance gene → image only.") in unescape(html)
+    assert metrics["pretrain"]["kept_by"] == "val_mean_rank"
+    assert ("kept is epoch 3: the best validation mean rank of each patient's true partner, "
+            "both ways") in unescape(html)
     assert "published, not measured here" in html
     assert "empty truth mask" in html and "ignore_empty=False" in html
 

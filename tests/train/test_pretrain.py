@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mgi.errors import TrainingError
-from mgi.train.pretrain import pretrain
+from mgi.errors import ConfigError, TrainingError
+from mgi.train.pretrain import pretrain, selection_score
 from tests.train.conftest import TinyCohort, settings_json
 
 
@@ -57,6 +57,38 @@ def test_pretrain_writes_model_curves_tensorboard_and_retrieval(tiny_cohort, tmp
     assert saved["test"]["n_patients"] == 2 and saved["device"].startswith("CPU")
     model = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
     assert model["gene_config"]["kind"] == "mamba" and 1 <= model["best_epoch"] <= 4
+
+
+@pytest.mark.parametrize("keep_by", ["val_mean_rank", "val_loss", "last"])
+def test_the_kept_epoch_is_the_one_its_rule_picks_from_the_history(tiny_cohort, tmp_path,
+                                                                     keep_by):
+    out = tmp_path / keep_by
+    retrieval = run_in_process(tiny_cohort, out, epochs=4, keep_by=keep_by)
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    ranks = history["val_mean_rank"] + history["val_image_to_gene_mean_rank"]
+    expected = {
+        "val_mean_rank": history.loc[min(history.index, key=lambda i: (ranks[i],
+                                                                       history["val_loss"][i]))],
+        "val_loss": history.loc[history["val_loss"].idxmin()],
+        "last": history.iloc[-1],
+    }[keep_by]["epoch"]
+    model = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    assert retrieval["best_epoch"] == model["best_epoch"] == expected
+    assert json.loads((out / "retrieval.json").read_text())["kept_by"] == keep_by
+
+
+def test_selection_scores_order_epochs_and_name_a_wrong_rule():
+    early = {"epoch": 3, "val_loss": 2.9, "val_mean_rank": 9.0, "val_image_to_gene_mean_rank": 8.0}
+    late = {"epoch": 9, "val_loss": 4.1, "val_mean_rank": 5.0, "val_image_to_gene_mean_rank": 6.0}
+    tie = {**late, "epoch": 10, "val_loss": 3.0}
+    assert selection_score(late, keep_by="val_mean_rank") < selection_score(early,
+                                                                            keep_by="val_mean_rank")
+    assert selection_score(tie, keep_by="val_mean_rank") < selection_score(late,
+                                                                           keep_by="val_mean_rank")
+    assert selection_score(early, keep_by="val_loss") < selection_score(late, keep_by="val_loss")
+    assert selection_score(late, keep_by="last") < selection_score(early, keep_by="last")
+    with pytest.raises(ConfigError, match=r"pretrain\.keep_by: 'best'"):
+        selection_score(late, keep_by="best")
 
 
 def test_dataloader_workers_do_not_change_the_result(tiny_cohort, tmp_path):

@@ -20,15 +20,17 @@ def _png(fig: plt.Figure) -> bytes:
 
 
 def pretrain_curves(history: pd.DataFrame, *, chance: float) -> bytes:
-    """Contrastive loss (train, validation) and validation recall@1 against chance, by epoch."""
+    """Contrastive loss (train, validation) and validation recall@1 both ways against chance."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax1.plot(history["epoch"], history["train_loss"], label="train")
     ax1.plot(history["epoch"], history["val_loss"], label="validation")
     ax1.set(xlabel="epoch", ylabel="CLIP loss", title="Pre-training loss")
     ax1.legend()
-    ax2.plot(history["epoch"], history["val_recall_at_1"], label="validation recall@1")
+    ax2.plot(history["epoch"], history["val_recall_at_1"], label="gene → image")
+    if "val_image_to_gene_recall_at_1" in history:
+        ax2.plot(history["epoch"], history["val_image_to_gene_recall_at_1"], label="image → gene")
     ax2.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
-    ax2.set(xlabel="epoch", ylabel="recall@1 (gene → image)", ylim=(0, 1.05),
+    ax2.set(xlabel="epoch", ylabel="validation recall@1", ylim=(0, 1.05),
             title="Patient retrieval")
     ax2.legend()
     return _png(fig)

@@ -52,6 +52,12 @@ EMPTY_MASKS = (
     "slices without tumour count through their false-positive pixels rather than as a Dice of "
     "their own."
 )
+# How the pre-training epoch kept in model.pt was chosen (pretrain.keep_by), for the report.
+KEPT_BY = {
+    "val_mean_rank": "the best validation mean rank of each patient's true partner, both ways",
+    "val_loss": "the lowest validation loss",
+    "last": "the last epoch",
+}
 
 
 def ordered_variants(variants: list[str]) -> list[str]:
@@ -155,6 +161,7 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
         "pretrain": {
             "test_patients": test["n_patients"],
             "best_epoch": retrieval["best_epoch"],
+            "kept_by": retrieval.get("kept_by", "val_loss"),
             **{f"gene_to_image_{k.replace('@', '_at_')}": v
                for k, v in test["gene_to_image"].items()},
             **{f"image_to_gene_{k.replace('@', '_at_')}": v
@@ -438,6 +445,7 @@ def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
         n_images=len(qc), facts=_run_facts(retrieval.get("device", "unknown")), settings=settings,
         attribution=attribution, wall=wall,
+        kept_by=KEPT_BY[metrics["pretrain"]["kept_by"]],
     )
     with atomic_path(html_path, suffix=".html") as tmp:
         tmp.write_text(html, encoding="utf-8")

@@ -48,7 +48,8 @@ def pretrain(
     out_dir: Path,
     threads: int = 1,
 ) -> dict | None:
-    """Train the CLIP model; write model.pt (best on validation), history.tsv, retrieval.json.
+    """Train the CLIP model; write model.pt (the epoch `pretrain.keep_by` keeps), history.tsv and
+    retrieval.json.
 
     Every process of a DDP run calls this; process 0 writes the outputs and returns the
     retrieval scores, the others return None. A run killed part-way resumes from
@@ -95,7 +96,7 @@ def pretrain(
     last_path = out_dir / "checkpoints" / "last.ckpt"
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 1,
              "batch": 0, "step": 0, "epoch_losses": [], "negatives": 0, "history": [],
-             "best": {"val_loss": float("inf"), "epoch": 0,
+             "best": {"score": (math.inf,), "epoch": 0,
                       "state_dict": copy.deepcopy(raw.state_dict())},
              "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint}
     if resume_state(fabric, last_path, state, fingerprint=fingerprint):
@@ -154,18 +155,21 @@ def pretrain(
             if opts["checkpoint_every"] and state["step"] % opts["checkpoint_every"] == 0:
                 checkpoint(epoch, index + 1)
         val_loss, val = validate(raw, eval_loss_fn, val_draws, device=fabric.device)
-        val = val["gene_to_image"]
+        g2i, i2g = val["gene_to_image"], val["image_to_gene"]
         row = {"epoch": epoch, "step": state["step"],
                "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
-               "val_recall_at_1": val["recall@1"], "val_recall_at_5": val["recall@5"],
-               "val_mean_rank": val["mean_rank"],
+               "val_recall_at_1": g2i["recall@1"], "val_recall_at_5": g2i["recall@5"],
+               "val_mean_rank": g2i["mean_rank"],
+               "val_image_to_gene_recall_at_1": i2g["recall@1"],
+               "val_image_to_gene_mean_rank": i2g["mean_rank"],
                "temperature": float(1.0 / raw.logit_scale.exp().item()),
                "lr": scheduler.get_last_lr()[0], "negatives": state["negatives"]}
         history.add(**row)
         fabric.log_dict({f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
                         step=state["step"])
-        if val_loss < state["best"]["val_loss"]:
-            state["best"] = {"val_loss": val_loss, "epoch": epoch,
+        score = selection_score(row, keep_by=opts["keep_by"])
+        if score < state["best"]["score"]:
+            state["best"] = {"score": score, "epoch": epoch,
                              "state_dict": copy.deepcopy(raw.state_dict())}
         if epoch == opts["epochs"] or (opts["checkpoint_every"] and steps_per_epoch
                                        >= opts["checkpoint_every"]):
@@ -175,7 +179,7 @@ def pretrain(
     if not fabric.is_global_zero:
         return None
     return _finish(raw, data, state, gene_cfg, image_cfg, device=fabric.device, out_dir=out_dir,
-                   processes=world)
+                   processes=world, keep_by=opts["keep_by"])
 
 
 def _global_mean(fabric, loss: torch.Tensor) -> float:
@@ -199,7 +203,7 @@ def _check_finite(fabric, value: torch.Tensor | float, what: str, *, epoch: int,
 
 
 def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, *,
-            device: torch.device, out_dir: Path, processes: int) -> dict:
+            device: torch.device, out_dir: Path, processes: int, keep_by: str) -> dict:
     """Load the best weights, score retrieval on every split, write retrieval.json and model.pt."""
     raw.load_state_dict(state["best"]["state_dict"])
     retrieval = {
@@ -207,6 +211,7 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
         for split in ("train", "val", "test")
     }
     retrieval["best_epoch"] = state["best"]["epoch"]
+    retrieval["kept_by"] = keep_by
     retrieval["device"] = describe_device(device, processes=processes)
     with atomic_path(out_dir / "retrieval.json") as tmp:
         tmp.write_text(json.dumps(retrieval, indent=2))
@@ -220,6 +225,24 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
     log.info("test retrieval gene->image recall@1 %.3f (chance %.3f, permutation p %.4f)",
              test["recall@1"], test["chance@1"], test["p_recall@1"])
     return retrieval
+
+
+def selection_score(row: dict, *, keep_by: str) -> tuple[float, ...]:
+    """How an epoch's history row ranks for keeping its weights (lower is better).
+
+    `val_mean_rank`: the validation patients' mean rank of their true partner, gene -> image
+    plus image -> gene, ties to the lower validation loss. It is what the retrieval scores
+    measure; validation loss also punishes confident mistakes, so on small cohorts it is
+    lowest before training has done much (a demo draw kept epoch 33 of 600, its loss still at
+    log N). `val_loss`: the lowest validation loss. `last`: the last epoch.
+    """
+    if keep_by == "val_mean_rank":
+        return (row["val_mean_rank"] + row["val_image_to_gene_mean_rank"], row["val_loss"])
+    if keep_by == "val_loss":
+        return (row["val_loss"],)
+    if keep_by == "last":
+        return (-row["epoch"],)
+    raise ConfigError(f"pretrain.keep_by: {keep_by!r} is not one of val_mean_rank, val_loss, last")
 
 
 def validation_draws(pairs: PatientPairs, *, rounds: int = 4) -> tuple[torch.Tensor, ...]:
