@@ -91,6 +91,12 @@ def test_selection_scores_order_epochs_and_name_a_wrong_rule():
         selection_score(late, keep_by="best")
 
 
+def test_a_wrong_keep_by_stops_before_any_training(tiny_cohort, tmp_path):
+    with pytest.raises(ConfigError, match=r"pretrain\.keep_by: 'best' is not one of val_mean_rank"):
+        run_in_process(tiny_cohort, tmp_path / "out", keep_by="best")
+    assert not (tmp_path / "out" / "history.tsv").exists()
+
+
 def test_dataloader_workers_do_not_change_the_result(tiny_cohort, tmp_path):
     """Every draw is seeded by (seed, epoch, patient), so worker processes read the same pairs."""
     run_in_process(tiny_cohort, tmp_path / "w0", epochs=2, num_workers=0)

@@ -36,6 +36,8 @@ from mgi.train.pairs import PatientPairs, augmentation, epoch_batches, local_par
 
 log = logging.getLogger(__name__)
 
+# Rules for the epoch whose weights model.pt keeps (pretrain.keep_by; see selection_score).
+KEEP_BY = ("val_mean_rank", "val_loss", "last")
 RETRIEVAL_KS = (1, 5, 10)
 
 
@@ -56,6 +58,7 @@ def pretrain(
     `out_dir/checkpoints/last.ckpt` when called again with the same settings and inputs.
     """
     opts = settings["pretrain"]
+    check_keep_by(opts["keep_by"])  # a wrong rule stops before training, not after an epoch
     fabric = make_fabric(opts, log_dir=out_dir / "tensorboard")
     fabric.launch()
     world, rank = fabric.world_size, fabric.global_rank
@@ -227,22 +230,27 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
     return retrieval
 
 
+def check_keep_by(keep_by: str) -> None:
+    """Raise ConfigError unless `keep_by` is one of KEEP_BY."""
+    if keep_by not in KEEP_BY:
+        raise ConfigError(f"pretrain.keep_by: {keep_by!r} is not one of {', '.join(KEEP_BY)}")
+
+
 def selection_score(row: dict, *, keep_by: str) -> tuple[float, ...]:
     """How an epoch's history row ranks for keeping its weights (lower is better).
 
     `val_mean_rank`: the validation patients' mean rank of their true partner, gene -> image
     plus image -> gene, ties to the lower validation loss. It is what the retrieval scores
     measure; validation loss also punishes confident mistakes, so on small cohorts it is
-    lowest before training has done much (a demo draw kept epoch 33 of 600, its loss still at
-    log N). `val_loss`: the lowest validation loss. `last`: the last epoch.
+    lowest before training has done much (a scratch run on the demo's data kept epoch 33 of
+    600, its loss still at log N). `val_loss`: the lowest validation loss. `last`: the last epoch.
     """
+    check_keep_by(keep_by)
     if keep_by == "val_mean_rank":
         return (row["val_mean_rank"] + row["val_image_to_gene_mean_rank"], row["val_loss"])
     if keep_by == "val_loss":
         return (row["val_loss"],)
-    if keep_by == "last":
-        return (-row["epoch"],)
-    raise ConfigError(f"pretrain.keep_by: {keep_by!r} is not one of val_mean_rank, val_loss, last")
+    return (-row["epoch"],)  # last
 
 
 def validation_draws(pairs: PatientPairs, *, rounds: int = 4) -> tuple[torch.Tensor, ...]:
