@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from mgi.errors import ConfigError, TrainingError
-from mgi.train.pretrain import pretrain, selection_score
-from tests.train.conftest import TinyCohort, settings_json
+from mgi.evaluate.report import KEPT_BY
+from mgi.train.pretrain import KEEP_BY, pretrain, selection_score
+from tests.train.conftest import REPO, TinyCohort, settings_json
 
 
 def run_in_process(cohort: TinyCohort, out_dir: Path, **pretrain_opts) -> dict:
@@ -89,6 +90,14 @@ def test_selection_scores_order_epochs_and_name_a_wrong_rule():
     assert selection_score(late, keep_by="last") < selection_score(early, keep_by="last")
     with pytest.raises(ConfigError, match=r"pretrain\.keep_by: 'best'"):
         selection_score(late, keep_by="best")
+
+
+def test_the_schema_the_trainer_and_the_report_know_the_same_keep_by_rules():
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    enum = schema["properties"]["pretrain"]["properties"]["keep_by"]["enum"]
+    assert tuple(enum) == KEEP_BY and set(KEPT_BY) == set(KEEP_BY)
 
 
 def test_a_wrong_keep_by_stops_before_any_training(tiny_cohort, tmp_path):
