@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mgi.errors import ConfigError, MgiError
+from mgi.errors import MgiError
+from mgi.options import (
+    EvaluateSettings,
+    FinetuneSettings,
+    ImagingSettings,
+    PretrainSettings,
+    ReportSettings,
+    SequenceSettings,
+    SplitSettings,
+    SynthesizeSettings,
+    as_dict,
+    stage_settings,
+)
 
 log = logging.getLogger("mgi")
-
-
-def _settings(text: str) -> dict:
-    """Parse the --settings JSON that a rule passes (a slice of the validated config)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--settings: not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise ConfigError("--settings: expected a JSON object of config sections")
-    return value
 
 
 def _synthesize(args: argparse.Namespace) -> None:
     from mgi.acquire.synthetic import SyntheticCohortConfig, write_cohort
 
-    settings = _settings(args.settings)
-    config = SyntheticCohortConfig(**settings["synthetic"], seed=settings["seed"])
+    settings = stage_settings(SynthesizeSettings, args.settings)
+    config = SyntheticCohortConfig(**as_dict(settings.synthetic), seed=settings.seed)
     manifest = write_cohort(Path(args.out_dir), config=config)
     log.info("wrote the synthetic cohort, manifest %s", manifest)
 
@@ -54,12 +55,10 @@ def _sequences(args: argparse.Namespace) -> None:
 
     from mgi.expression.gtf import check_gene_model, read_gene_positions
     from mgi.expression.order import read_gene_list
-    from mgi.expression.tokens import SequenceConfig, build_sequences, write_sequences
+    from mgi.expression.tokens import build_sequences, write_sequences
     from mgi.io import read_tsv
 
-    section = dict(_settings(args.settings)["expression"])
-    section.pop("duplicate_profiles", None)  # the matrix's key, not the sequences'
-    config = SequenceConfig.from_mapping(section)
+    config = stage_settings(SequenceSettings, args.settings).expression
     splits = read_tsv(args.splits, required=["case_id", "split"])
     splits = splits[splits["split"].isin(["train", "val", "test"])]
     adata = anndata.read_h5ad(args.expression)
@@ -84,7 +83,7 @@ def _image(args: argparse.Namespace) -> None:
         images_table=Path(args.images),
         image_id=args.image_id,
         raw_dir=Path(args.raw_dir),
-        settings=_settings(args.settings),
+        settings=stage_settings(ImagingSettings, args.settings),
         bank_path=Path(args.bank),
         qc_path=Path(args.qc),
         thumbnail_path=Path(args.thumbnail) if args.thumbnail else None,
@@ -98,7 +97,8 @@ def _stain_reference(args: argparse.Namespace) -> None:
     from mgi.imaging.run import fit_stain_reference
 
     fit_stain_reference(images_table=Path(args.images), raw_dir=Path(args.raw_dir),
-                        settings=_settings(args.settings), out_path=Path(args.out))
+                        settings=stage_settings(ImagingSettings, args.settings),
+                        out_path=Path(args.out))
 
 
 def _qc_merge(args: argparse.Namespace) -> None:
@@ -117,13 +117,13 @@ def _splits(args: argparse.Namespace) -> None:
     from mgi.io import write_tsv
     from mgi.train.splits import make_splits
 
-    settings = _settings(args.settings)
+    settings = stage_settings(SplitSettings, args.settings)
     splits = make_splits(
         expression_path=Path(args.expression),
         qc_path=Path(args.qc),
-        val_fraction=settings["splits"]["val_fraction"],
-        test_fraction=settings["splits"]["test_fraction"],
-        seed=settings["seed"],
+        val_fraction=settings.splits.val_fraction,
+        test_fraction=settings.splits.test_fraction,
+        seed=settings.seed,
     )
     write_tsv(splits, args.out)
     log.info("splits: %s", splits["split"].value_counts().to_dict())
@@ -133,14 +133,16 @@ def _pretrain(args: argparse.Namespace) -> None:
     from mgi.train.launch import launch
     from mgi.train.pretrain import pretrain
 
-    settings = _settings(args.settings)
-    layout = settings["pretrain"]  # processes per node and nodes: the rule's resources win
-    if args.devices:
-        layout["devices"] = args.devices
-    if args.num_nodes:
-        layout["num_nodes"] = args.num_nodes
-    launch([sys.executable, "-m", "mgi.cli", *args.argv], processes_per_node=layout["devices"],
-           nodes=layout["num_nodes"], threads=args.threads)
+    settings = stage_settings(PretrainSettings, args.settings)
+    # Processes per node and nodes: the rule's resources (which a profile may raise) win over
+    # pretrain.devices / pretrain.num_nodes; the options object then holds the layout that runs.
+    layout = {key: value for key, value in
+              (("devices", args.devices), ("num_nodes", args.num_nodes)) if value}
+    settings = dataclasses.replace(settings,
+                                   pretrain=dataclasses.replace(settings.pretrain, **layout))
+    launch([sys.executable, "-m", "mgi.cli", *args.argv],
+           processes_per_node=settings.pretrain.devices, nodes=settings.pretrain.num_nodes,
+           threads=args.threads)
     pretrain(
         sequences_path=Path(args.sequences),
         splits_path=Path(args.splits),
@@ -160,7 +162,7 @@ def _finetune(args: argparse.Namespace) -> None:
         splits_path=Path(args.splits),
         qc_path=Path(args.qc),
         pretrained_path=Path(args.pretrained) if args.pretrained else None,
-        settings=_settings(args.settings),
+        settings=stage_settings(FinetuneSettings, args.settings),
         out_dir=Path(args.out_dir),
         threads=args.threads,
     )
@@ -174,7 +176,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         sequences_path=Path(args.sequences),
         splits_path=Path(args.splits),
         qc_path=Path(args.qc),
-        settings=_settings(args.settings),
+        settings=stage_settings(EvaluateSettings, args.settings),
         patients_path=Path(args.patients),
         slices_path=Path(args.slices),
         predictions_path=Path(args.predictions),
@@ -185,17 +187,28 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from mgi.evaluate.report import write_report
+    from mgi.evaluate.report import ReportInputs, VariantFiles, write_report
 
+    per_variant = [args.patients, args.slices, args.predictions, args.status, args.histories]
+    if any(len(files) != len(args.variants) for files in per_variant):
+        raise MgiError("mgi report: --patients, --slices, --predictions, --status and "
+                       "--histories need one file per variant of --variants, in its order")
+    inputs = ReportInputs(
+        retrieval=Path(args.retrieval), pretrain_history=Path(args.pretrain_history),
+        splits=Path(args.splits), qc=Path(args.qc),
+        banks={Path(bank).stem: Path(bank) for bank in args.banks},
+        variants={variant: VariantFiles(*(Path(files[i]) for files in per_variant))
+                  for i, variant in enumerate(args.variants)},
+        attribution=Path(args.attribution) if args.attribution else None,
+        attribution_summary=(Path(args.attribution_summary) if args.attribution_summary
+                             else None),
+    )
     write_report(
         cohort=args.cohort,
-        results_dir=Path(args.results_dir),
-        settings=_settings(args.settings),
+        inputs=inputs,
+        settings=stage_settings(ReportSettings, args.settings),
         metrics_path=Path(args.metrics),
         html_path=Path(args.html),
-        attribution_path=Path(args.attribution) if args.attribution else None,
-        attribution_summary_path=(Path(args.attribution_summary) if args.attribution_summary
-                                  else None),
         figures_dir=Path(args.figures) if args.figures else None,
     )
 
@@ -327,12 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", _report, "metrics.json and the self-contained report.html")
     p.add_argument("--cohort", required=True)
-    p.add_argument("--results-dir", required=True)
     p.add_argument("--settings", required=True)
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--html", required=True)
+    p.add_argument("--retrieval", required=True, help="pretrain/retrieval.json")
+    p.add_argument("--pretrain-history", required=True, help="pretrain/history.tsv")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--qc", required=True, help="images/qc.tsv")
+    p.add_argument("--banks", nargs="*", default=[], help="image banks ({image_id}.h5)")
+    p.add_argument("--variants", nargs="+", required=True, help="the variants, in this order:")
+    p.add_argument("--patients", nargs="+", required=True, help="test_patients.tsv of each")
+    p.add_argument("--slices", nargs="+", required=True, help="test_slices.tsv of each")
+    p.add_argument("--predictions", nargs="+", required=True, help="test_predictions.h5 of each")
+    p.add_argument("--status", nargs="+", required=True, help="status.json of each")
+    p.add_argument("--histories", nargs="+", required=True, help="history.tsv of each")
     p.add_argument("--attribution", help="gene attribution table (mgi attribute --out)")
     p.add_argument("--attribution-summary", help="its summary (mgi attribute --summary)")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--html", required=True)
     p.add_argument("--figures", help="folder for the report's figures as PNG files")
 
     p = command("attribute", _attribute,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mgi.acquire import idc, tcia
+from mgi.acquire import idc, radiology
+from mgi.acquire.series import SERIES_COLUMNS, SERIES_TABLE_COLUMNS
 from mgi.errors import AcquireError
 from mgi.io import read_tsv
 
@@ -21,7 +22,7 @@ def real_client():
 
 def test_real_tcga_collection_is_listed_offline(real_client):
     series = idc.list_series(collection="TCGA-BRCA", idc=real_client)
-    assert list(series.columns) == tcia.SERIES_COLUMNS
+    assert list(series.columns) == SERIES_COLUMNS
     mr = series[series["Modality"] == "MR"]
     assert len(mr) > 100 and mr["PatientID"].str.fullmatch(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}").all()
     assert (mr["ImageCount"] > 0).all() and mr["SeriesInstanceUID"].is_unique
@@ -59,7 +60,7 @@ def test_idc_series_land_in_the_radiology_layout_and_bad_ones_are_reported(tmp_p
     fake = FakeIdc([_row("1.1", "TCGA-AA-0001", "AX FLAIR"), _row("1.2", "TCGA-AA-0001", "T1 post"),
                     _row("2.1", "TCGA-AA-0002", "FLAIR", count=4),
                     _row("3.1", "TCGA-AA-0003", "FLAIR")], short={"2.1"})
-    table, failures = tcia.acquire_mri(
+    table, failures = radiology.acquire_mri(
         tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002", "TCGA-AA-0009"], api_url="unused",
         collection="TCGA-GBM", sequences=["FLAIR", "T1 post"], masks_url=None,
         provider="idc", idc_client=fake)
@@ -68,14 +69,14 @@ def test_idc_series_land_in_the_radiology_layout_and_bad_ones_are_reported(tmp_p
     case = tmp_path / "radiology" / "TCGA-AA-0001"
     assert sorted(p.name for p in (case / "1.1").iterdir()) == ["0000.dcm", "0001.dcm",
                                                                 "0002.dcm"]
-    listed = read_tsv(case / "series.tsv", required=tcia.SERIES_TABLE_COLUMNS)
+    listed = read_tsv(case / "series.tsv", required=SERIES_TABLE_COLUMNS)
     assert listed["sequence"].tolist() == ["FLAIR", "T1 post"]
     assert failures["SeriesInstanceUID"].tolist() == ["2.1"]
     assert "3 .dcm file(s) arrived, the index says 4" in failures["reason"][0]
     assert not (tmp_path / "radiology" / "TCGA-AA-0002" / "2.1").exists()  # nothing half-kept
     # a second run finds the series in place and fetches only the failed one again
     fake.calls.clear()
-    tcia.acquire_mri(tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002"], api_url="unused",
+    radiology.acquire_mri(tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002"], api_url="unused",
                      collection="TCGA-GBM", sequences=["FLAIR", "T1 post"], masks_url=None,
                      provider="idc", idc_client=fake)
     assert fake.calls == ["2.1"]
@@ -84,5 +85,5 @@ def test_idc_series_land_in_the_radiology_layout_and_bad_ones_are_reported(tmp_p
 def test_collection_names_map_to_idc_ids_and_providers_are_checked(tmp_path):
     assert idc.collection_id("TCGA-LGG") == "tcga_lgg"
     with pytest.raises(AcquireError, match="provider: 'xnat'; expected 'nbia' or 'idc'"):
-        tcia.acquire_mri(tmp_path, case_ids=[], api_url="", collection="TCGA-LGG",
+        radiology.acquire_mri(tmp_path, case_ids=[], api_url="", collection="TCGA-LGG",
                          sequences=["FLAIR"], masks_url=None, provider="xnat")

@@ -10,8 +10,10 @@ import pytest
 import requests
 
 from mgi.acquire import remote, tcia
+from mgi.acquire.series import FAILURE_COLUMNS, SERIES_COLUMNS
 from mgi.errors import AcquireError
 from mgi.io import read_tsv
+from mgi.layout import IMAGE_TABLE_COLUMNS
 
 SEQUENCES = ["T1 pre", "FLAIR", "T1 post"]
 
@@ -60,7 +62,7 @@ def test_list_series_keeps_the_cohort_patients(fake_api):
     assert table["SeriesInstanceUID"].tolist() == ["1"]
     assert table["ImageCount"].tolist() == [3]
     assert fake_api.requests_to("/getSeries")[0].query == {"Collection": ["TCGA-LGG"]}
-    assert empty.empty and list(empty.columns) == tcia.SERIES_COLUMNS
+    assert empty.empty and list(empty.columns) == SERIES_COLUMNS
 
 
 def test_download_series_keeps_only_the_dicom_files(fake_api, tmp_path):
@@ -206,8 +208,8 @@ def test_images_mri_writes_series_tables_masks_and_failures(fake_api, tmp_path, 
                 masks_url=str(tmp_path / "lgg"))
 
     raw = tmp_path / "raw"
-    images = read_tsv(raw / "images.tsv", required=tcia.IMAGE_COLUMNS)
-    assert list(images.columns) == tcia.IMAGE_COLUMNS
+    images = read_tsv(raw / "images.tsv", required=IMAGE_TABLE_COLUMNS)
+    assert list(images.columns) == IMAGE_TABLE_COLUMNS
     assert images.to_dict("records") == [{
         "image_id": "TCGA-CS-4941", "case_id": "TCGA-CS-4941", "modality": "mri",
         "path": "radiology/TCGA-CS-4941", "mask_path": "masks/TCGA-CS-4941"}]
@@ -215,7 +217,7 @@ def test_images_mri_writes_series_tables_masks_and_failures(fake_api, tmp_path, 
     assert dict(zip(series["SeriesInstanceUID"], series["sequence"], strict=True)) == {
         "1.1": "FLAIR", "1.2": "T1 post"}
     assert len(list((raw / "radiology/TCGA-CS-4941/1.1").glob("*.dcm"))) == 2
-    failures = read_tsv(raw / "image_failures.tsv", required=tcia.FAILURE_COLUMNS)
+    failures = read_tsv(raw / "image_failures.tsv", required=FAILURE_COLUMNS)
     assert failures["SeriesInstanceUID"].tolist() == ["2.1"]
     assert len(list((raw / "masks/TCGA-CS-4941").iterdir())) == 2
     assert (raw / "slides").is_dir()
@@ -229,7 +231,7 @@ def test_images_wsi_lists_the_slides_on_disk(fake_api, tmp_path):
     (tmp_path / "raw" / slide["path"]).write_bytes(b"svs")
     _run_images(fake_api, tmp_path, modality="wsi", manifest_rows=[expr, slide, absent])
 
-    images = read_tsv(tmp_path / "raw/images.tsv", required=tcia.IMAGE_COLUMNS)
+    images = read_tsv(tmp_path / "raw/images.tsv", required=IMAGE_TABLE_COLUMNS)
     assert images.to_dict("records") == [{"image_id": "s1", "case_id": "C1", "modality": "wsi",
                                           "path": slide["path"], "mask_path": ""}]
     assert (tmp_path / "raw/radiology").is_dir() and (tmp_path / "raw/masks").is_dir()

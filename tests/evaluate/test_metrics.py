@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mgi.evaluate.metrics import slice_metrics, volume_metrics
 from mgi.evaluate.stats import bootstrap_ci, paired_comparison
+from mgi.models.metrics import slice_metrics, volume_metrics
 
 
 def _square(size: int, top: int, left: int, side: int) -> np.ndarray:

@@ -14,13 +14,14 @@ import pytest
 
 from mgi.evaluate.attribution import TABLE_COLUMNS
 from mgi.evaluate.report import (
-    BASELINE_ORDER,
+    ReportInputs,
     comparison_finding,
-    ordered_variants,
     retrieval_finding,
     write_report,
 )
 from mgi.imaging.bank import write_bank
+from mgi.options import ReportSettings, stage_settings
+from mgi.variants import BASELINE_ORDER, ordered_variants
 
 CASES = [f"CASE-{i:02d}" for i in range(1, 11)]
 SPLIT = dict.fromkeys(CASES[:4], "train") | dict.fromkeys(CASES[4:6], "val") | dict.fromkeys(
@@ -149,13 +150,11 @@ def make_results(root: Path, variants: dict[str, float | None], *,
 def render(root: Path, variants: list[str], **kwargs) -> tuple[dict, str]:
     """write_report over `root`; (metrics.json as read back, report.html's text)."""
     report = root / "report"
-    write_report(cohort="unit", results_dir=root,
-                 settings={"evaluate": {"bootstrap": 200, "threshold": 0.5},
-                           "finetune": {"variants": variants}},
-                 metrics_path=report / "metrics.json", html_path=report / "report.html",
-                 attribution_path=report / "gene_attribution.tsv",
-                 attribution_summary_path=report / "gene_attribution.json",
-                 figures_dir=report / "figures", **kwargs)
+    settings = stage_settings(ReportSettings, {"evaluate": {"bootstrap": 200, "threshold": 0.5},
+                                               "finetune": {"variants": variants}})
+    write_report(cohort="unit", inputs=ReportInputs.from_results(root, variants),
+                 settings=settings, metrics_path=report / "metrics.json",
+                 html_path=report / "report.html", figures_dir=report / "figures", **kwargs)
 
     def strict(constant):
         raise AssertionError(f"metrics.json holds {constant}: not strict JSON")

@@ -16,11 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mgi.evaluate.metrics import volume_metrics
+from mgi.checkpoint import save_failed, save_finetuned
 from mgi.evaluate.segmentation import PATIENT_COLUMNS, SLICE_COLUMNS, evaluate_variant
 from mgi.imaging.bank import read_bank, write_bank
-from mgi.train.finetune import VARIANTS, build_variant, finetune
-from mgi.train.loop import save_checkpoint
+from mgi.models.metrics import volume_metrics
+from mgi.options import EvaluateSettings, FinetuneSettings, stage_settings
+from mgi.train.finetune import build_variant, finetune
+from mgi.variants import VARIANTS
 from tests.train.conftest import TinyCohort, write_tiny_cohort
 
 THRESHOLD = 0.5
@@ -53,7 +55,8 @@ def cohort(tmp_path_factory) -> TinyCohort:
 def evaluate(cohort: TinyCohort, model: Path, out: Path) -> pd.DataFrame:
     return evaluate_variant(
         model_path=model, sequences_path=cohort.sequences, splits_path=cohort.splits,
-        qc_path=cohort.qc, settings={"evaluate": {"threshold": THRESHOLD}},
+        qc_path=cohort.qc,
+        settings=stage_settings(EvaluateSettings, {"evaluate": {"threshold": THRESHOLD}}),
         patients_path=out / "test_patients.tsv", slices_path=out / "test_slices.tsv",
         predictions_path=out / "test_predictions.h5")
 
@@ -61,9 +64,10 @@ def evaluate(cohort: TinyCohort, model: Path, out: Path) -> pd.DataFrame:
 def untrained(variant: str, settings: dict, path: Path) -> Path:
     """A checkpoint of an untrained variant, as fine-tuning writes it."""
     torch.manual_seed(0)
-    model = build_variant(variant, settings, vocab_size=VOCAB, in_chans=1)
-    save_checkpoint({"variant": variant, "state_dict": model.state_dict(), "settings": settings,
-                     "vocab_size": VOCAB, "in_chans": 1, "best_epoch": 1, "val_dice": 0.5}, path)
+    typed = stage_settings(FinetuneSettings, settings)
+    model = build_variant(variant, typed, vocab_size=VOCAB, seq_len=8, in_chans=1)
+    save_finetuned(path, variant=variant, state_dict=model.state_dict(), settings=typed,
+                   vocab_size=VOCAB, in_chans=1, best_epoch=1, val_dice=0.5)
     return path
 
 
@@ -73,7 +77,7 @@ def unet_run(cohort: TinyCohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("unet_scratch")
     assert finetune(variant="unet_scratch", sequences_path=cohort.sequences,
                     splits_path=cohort.splits, qc_path=cohort.qc, pretrained_path=None,
-                    settings=cohort.settings, out_dir=out)
+                    settings=stage_settings(FinetuneSettings, cohort.settings), out_dir=out)
     evaluate(cohort, out / "model.pt", out)
     return out
 
@@ -124,10 +128,10 @@ def test_tile_masks_are_one_png_per_tile(cohort: TinyCohort, tmp_path: Path):
     settings = copy.deepcopy(cohort.settings)
     settings["imaging"].update(modality="wsi", wsi={**settings["imaging"]["wsi"], "tile_px": 16})
     torch.manual_seed(0)
-    model = build_variant("unet_scratch", settings, vocab_size=VOCAB, in_chans=3)
-    save_checkpoint({"variant": "unet_scratch", "state_dict": model.state_dict(),
-                     "settings": settings, "vocab_size": VOCAB, "in_chans": 3, "best_epoch": 1,
-                     "val_dice": 0.0}, root / "model.pt")
+    typed = stage_settings(FinetuneSettings, settings)
+    model = build_variant("unet_scratch", typed, vocab_size=VOCAB, seq_len=8, in_chans=3)
+    save_finetuned(root / "model.pt", variant="unet_scratch", state_dict=model.state_dict(),
+                   settings=typed, vocab_size=VOCAB, in_chans=3, best_epoch=1, val_dice=0.0)
     patients = evaluate(wsi, root / "model.pt", root)
     with h5py.File(root / "test_predictions.h5") as h5:
         probs = h5["probabilities"][()] / 255.0
@@ -157,7 +161,7 @@ def test_every_variant_is_evaluated(cohort: TinyCohort, tmp_path: Path, variant:
 def test_a_variant_that_failed_to_train_gives_empty_results_and_a_failed_status(
         cohort: TinyCohort, tmp_path: Path):
     error = "fine-tuning mgi diverged: the loss is not finite at epoch 3, step 7"
-    save_checkpoint({"variant": "mgi", "failed": True, "error": error}, tmp_path / "model.pt")
+    save_failed(tmp_path / "model.pt", variant="mgi", error=error)
     (tmp_path / "predictions").mkdir()
     (tmp_path / "predictions" / "stale.nii.gz").write_bytes(b"from an earlier run")
     patients = evaluate(cohort, tmp_path / "model.pt", tmp_path)

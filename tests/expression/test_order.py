@@ -10,7 +10,7 @@ import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
 from mgi.expression import order as order_module
-from mgi.expression.order import GeneOrder, SequenceConfig, normalised, read_gene_list
+from mgi.expression.order import ExpressionOptions, GeneOrder, normalised, read_gene_list
 
 
 def make_adata(counts: np.ndarray, *, types: list[str] | None = None) -> ad.AnnData:
@@ -38,20 +38,22 @@ def make_adata(counts: np.ndarray, *, types: list[str] | None = None) -> ad.AnnD
         ({"min_fraction_expressed": 1.5}, "min_fraction_expressed"),
         ({"n_hvg": 0}, "expression.n_hvg"),
         ({"n_bins": 2}, "expression.n_bins"),
-        ({"seq_len": 1}, "expression.seq_len"),
+        ({"seq_len": 4}, "expression.seq_len"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(kwargs, message):
+    # the schema's bounds and enums (the only place they are written) are checked on building
     with pytest.raises(ConfigError, match=message):
-        SequenceConfig(**kwargs)
+        ExpressionOptions.from_mapping(kwargs)
 
 
 def test_config_from_mapping_accepts_lists_and_rejects_unknown_keys():
-    cfg = SequenceConfig.from_mapping({"gene_types": ["protein_coding", "lncRNA"], "seq_len": 64})
+    cfg = ExpressionOptions.from_mapping({"gene_types": ["protein_coding", "lncRNA"],
+                                          "seq_len": 64})
     assert cfg.gene_types == ("protein_coding", "lncRNA") and cfg.seq_len == 64
     assert cfg.as_dict()["gene_types"] == ["protein_coding", "lncRNA"]
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['seqlen'\]"):
-        SequenceConfig.from_mapping({"seqlen": 64})
+    with pytest.raises(ConfigError, match=r"expression.seqlen: unknown key; did you mean"):
+        ExpressionOptions.from_mapping({"seqlen": 64})
 
 
 def test_cpm_normalisation_is_scanpy_normalize_total_then_log1p(monkeypatch, counts_matrix):
@@ -78,11 +80,11 @@ def test_selection_keeps_wanted_types_expressed_in_enough_train_cases():
     counts[:, 3] = 0                      # expressed in no train case ...
     types = ["protein_coding"] * 5 + ["lncRNA"]
     adata = make_adata(counts, types=types)
-    fitted = GeneOrder(SequenceConfig(min_fraction_expressed=0.1, seq_len=8)).fit(adata)
+    fitted = GeneOrder(ExpressionOptions(min_fraction_expressed=0.1, seq_len=8)).fit(adata)
     assert fitted.genes_.tolist() == [0, 2, 4]
-    fitted = GeneOrder(SequenceConfig(min_fraction_expressed=0.2, seq_len=8)).fit(adata)
+    fitted = GeneOrder(ExpressionOptions(min_fraction_expressed=0.2, seq_len=8)).fit(adata)
     assert fitted.genes_.tolist() == [0, 4]
-    every_type = SequenceConfig(gene_types=(), min_fraction_expressed=0.2, seq_len=8)
+    every_type = ExpressionOptions(gene_types=(), min_fraction_expressed=0.2, seq_len=8)
     assert GeneOrder(every_type).fit(adata).genes_.tolist() == [0, 4, 5]
 
 
@@ -90,14 +92,14 @@ def test_selection_keeps_wanted_types_expressed_in_enough_train_cases():
 def test_no_gene_passing_the_filters_is_an_error():
     adata = make_adata(np.zeros((4, 5)))
     with pytest.raises(ExpressionFileError, match="no gene of type"):
-        GeneOrder(SequenceConfig(seq_len=8)).fit(adata)
+        GeneOrder(ExpressionOptions(seq_len=8)).fit(adata)
 
 
 def test_rank_puts_a_gene_at_ten_times_its_median_first():
     rng = np.random.default_rng(1)
     counts = rng.integers(50, 60, size=(9, 200)) * 100
     train = make_adata(counts)
-    fitted = GeneOrder(SequenceConfig(seq_len=8, min_fraction_expressed=0)).fit(train)
+    fitted = GeneOrder(ExpressionOptions(seq_len=8, min_fraction_expressed=0)).fit(train)
     case = np.median(counts, axis=0, keepdims=True).astype(int)
     case[0, 13] *= 10  # 10x its median (~9.6x in CPM, the library grows); others at ~0.96x
     linear, _ = fitted.expression(make_adata(case))
@@ -112,7 +114,8 @@ def test_rank_puts_a_gene_at_ten_times_its_median_first():
 def test_rank_divides_by_the_nonzero_train_median():
     # Gene 0: CPM 1e3 in every expressing train case (zeros ignored by the median); gene 1: 1e5.
     counts = np.array([[1, 100, 899], [0, 100, 900], [0, 100, 900], [1, 100, 899]])
-    fitted = GeneOrder(SequenceConfig(seq_len=8, min_fraction_expressed=0)).fit(make_adata(counts))
+    config = ExpressionOptions(seq_len=8, min_fraction_expressed=0)
+    fitted = GeneOrder(config).fit(make_adata(counts))
     np.testing.assert_allclose(fitted.medians_[:2], [1e3, 1e5])
     # A case with gene 0 at 3x its median and gene 1 at 2x ranks gene 0 first though it is
     # far less expressed; gene 2 (below its median) comes last; padding after.
@@ -122,7 +125,7 @@ def test_rank_divides_by_the_nonzero_train_median():
 
 def test_rank_drops_zero_genes_and_cuts_at_seq_len():
     counts = np.arange(1, 41)[None, :].repeat(5, axis=0)
-    fitted = GeneOrder(SequenceConfig(seq_len=10, min_fraction_expressed=0)).fit(
+    fitted = GeneOrder(ExpressionOptions(seq_len=10, min_fraction_expressed=0)).fit(
         make_adata(counts)
     )
     case = np.zeros((1, 40), dtype=int)
@@ -138,7 +141,7 @@ def test_fixed_order_without_hvg_keeps_the_most_expressed_train_genes_in_that_or
     counts = np.tile(means, (6, 1))
     counts[:, [4, 17]] = counts[:, [17, 4]]  # genes 4 and 17 swap places
     adata = make_adata(counts)
-    cfg = SequenceConfig(order="fixed", seq_len=6, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="fixed", seq_len=6, min_fraction_expressed=0)
     fitted = GeneOrder(cfg).fit(adata)
     positions = fitted.transform(fitted.expression(make_adata(counts[:2] * 0 + 1))[0])
     assert (positions == positions[0]).all()  # the same genes for every case, expressed or not
@@ -160,7 +163,7 @@ def test_genomic_order_is_chromosome_then_start_for_every_case():
     positions = positions_table(
         ["chr2", "chr10", "chr1", "chrX", "chr1", "chr2"], [500, 10, 900, 5, 100, 20]
     )
-    cfg = SequenceConfig(order="genomic", seq_len=10, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="genomic", seq_len=10, min_fraction_expressed=0)
     fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
     sequence = fitted.transform(fitted.expression(make_adata(counts))[0])
     expected = [4, 2, 5, 0, 1, 3]  # chr1:100, chr1:900, chr2:20, chr2:500, chr10 (not 1 < 2), X
@@ -172,7 +175,7 @@ def test_genomic_order_is_chromosome_then_start_for_every_case():
 def test_genomic_order_keeps_the_most_expressed_genes_when_they_do_not_fit():
     counts = np.tile(np.array([5, 50, 10, 40, 30, 20]), (3, 1))
     positions = positions_table(["chr1"] * 6, [60, 50, 40, 30, 20, 10])
-    cfg = SequenceConfig(order="genomic", seq_len=4, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="genomic", seq_len=4, min_fraction_expressed=0)
     fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
     row = fitted.transform(fitted.expression(make_adata(counts))[0])[0]
     # top three by expression: genes 1, 3, 4; then by start: 4 (20), 3 (30), 1 (50)
@@ -182,7 +185,7 @@ def test_genomic_order_keeps_the_most_expressed_genes_when_they_do_not_fit():
 def test_genomic_order_leaves_out_genes_missing_from_the_gtf_and_needs_positions(caplog):
     counts = np.full((3, 5), 100)
     positions = positions_table(["chr1"] * 5, [50, 40, 30, 20, 10]).drop(index="ENSG00000000002")
-    cfg = SequenceConfig(order="genomic", seq_len=10, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="genomic", seq_len=10, min_fraction_expressed=0)
     with caplog.at_level("WARNING"):
         fitted = GeneOrder(cfg).fit(make_adata(counts), positions=positions)
     assert sorted(fitted.genes_.tolist()) == [0, 1, 3, 4]
@@ -195,13 +198,13 @@ def test_gene_list_restricts_the_genes_and_gives_the_fixed_order(caplog):
     counts = np.full((3, 8), 100)
     adata = make_adata(counts)
     entries = ["G5", "ENSG00000000002.7", "NOT_A_GENE", "G0", "G5"]  # names, versioned id
-    cfg = SequenceConfig(order="fixed", seq_len=10, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="fixed", seq_len=10, min_fraction_expressed=0)
     with caplog.at_level("WARNING"):
         fitted = GeneOrder(cfg).fit(adata, gene_list=entries)
     row = fitted.transform(fitted.expression(adata)[0])[0]
     assert fitted.genes_[row[:3]].tolist() == [5, 2, 0] and (row[3:] == -1).all()
     assert "1 of 5 gene(s) not in the expression matrix" in caplog.text
-    ranked = GeneOrder(SequenceConfig(seq_len=10, min_fraction_expressed=0)).fit(
+    ranked = GeneOrder(ExpressionOptions(seq_len=10, min_fraction_expressed=0)).fit(
         adata, gene_list=entries
     )
     assert sorted(ranked.genes_.tolist()) == [0, 2, 5]
@@ -233,7 +236,7 @@ def test_hvg_is_scanpy_seurat_on_train_log_data_in_dispersion_order(counts_matri
     counts = counts_matrix(30, 120, seed=3) + 1
     counts[:, 7] = counts[:, 7] * np.tile([0, 10], 15)  # strongly variable across cases
     adata = make_adata(counts)
-    cfg = SequenceConfig(order="fixed", n_hvg=15, seq_len=64, min_fraction_expressed=0)
+    cfg = ExpressionOptions(order="fixed", n_hvg=15, seq_len=64, min_fraction_expressed=0)
     fitted = GeneOrder(cfg).fit(adata)
 
     expected = ad.AnnData(X=np.log1p(normalised(adata, method="log1p_cpm")[0]))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mgi.errors import ExpressionFileError
-from mgi.expression.order import SequenceConfig, normalised
+from mgi.expression.order import ExpressionOptions, normalised
 from mgi.expression.tokens import (
     CLS,
     PAD,
@@ -70,12 +70,12 @@ def cohort(counts_matrix) -> tuple[ad.AnnData, pd.DataFrame]:
 
 
 CONFIGS = [
-    SequenceConfig(seq_len=16, min_fraction_expressed=0.2),
-    SequenceConfig(seq_len=16, n_hvg=12, order="fixed", values="continuous"),
-    SequenceConfig(seq_len=32, normalize="tpm", n_hvg=20, n_bins=11),
-    SequenceConfig(seq_len=24, order="genomic", normalize="fpkm_uq"),
-    SequenceConfig(seq_len=24, order="genomic", n_hvg=16, values="continuous"),
-    SequenceConfig(seq_len=16, n_hvg=12, order="fixed", values="zscore"),
+    ExpressionOptions(seq_len=16, min_fraction_expressed=0.2),
+    ExpressionOptions(seq_len=16, n_hvg=12, order="fixed", values="continuous"),
+    ExpressionOptions(seq_len=32, normalize="tpm", n_hvg=20, n_bins=11),
+    ExpressionOptions(seq_len=24, order="genomic", normalize="fpkm_uq"),
+    ExpressionOptions(seq_len=24, order="genomic", n_hvg=16, values="continuous"),
+    ExpressionOptions(seq_len=16, n_hvg=12, order="fixed", values="zscore"),
 ]
 CONFIG_IDS = ["rank-bins", "fixed-hvg-continuous", "tpm-hvg", "genomic-fpkm_uq",
               "genomic-hvg-continuous", "fixed-hvg-zscore"]
@@ -98,7 +98,7 @@ def test_quantile_bins_are_zero_for_zero_and_span_one_to_n_bins_minus_one():
 
 def test_sequences_are_cls_then_genes_then_padding(cohort):
     adata, splits = cohort
-    cfg = SequenceConfig(seq_len=16, min_fraction_expressed=0.2)
+    cfg = ExpressionOptions(seq_len=16, min_fraction_expressed=0.2)
     seqs = build_sequences(adata, splits, config=cfg)
     assert seqs.token_ids.shape == seqs.values.shape == (N_CASES, 16)
     assert seqs.token_ids.dtype == np.int32 and seqs.values.dtype == np.float32
@@ -122,7 +122,7 @@ def test_sequences_are_cls_then_genes_then_padding(cohort):
 
 def test_vocabulary_is_specials_then_train_genes_sorted_by_id(cohort):
     adata, splits = cohort
-    seqs = build_sequences(adata, splits, config=SequenceConfig(seq_len=16))
+    seqs = build_sequences(adata, splits, config=ExpressionOptions(seq_len=16))
     vocab = seqs.vocab
     assert vocab.columns.tolist() == ["token_id", "gene_id", "gene_name"]
     assert vocab.iloc[:3].values.tolist() == [[0, "", "<pad>"], [1, "", "<cls>"], [2, "", "<mask>"]]
@@ -136,7 +136,8 @@ def test_vocabulary_is_specials_then_train_genes_sorted_by_id(cohort):
 
 def test_continuous_values_are_log1p_cpm_over_the_train_std(cohort):
     adata, splits = cohort
-    cfg = SequenceConfig(seq_len=16, order="fixed", values="continuous", min_fraction_expressed=0)
+    cfg = ExpressionOptions(seq_len=16, order="fixed", values="continuous",
+                            min_fraction_expressed=0)
     seqs = build_sequences(adata, splits, config=cfg)
     gene_ids = seqs.vocab.set_index("token_id")["gene_id"]
     logged = np.log1p(normalised(adata, method="log1p_cpm")[0])
@@ -155,7 +156,7 @@ def test_continuous_values_are_log1p_cpm_over_the_train_std(cohort):
 @pytest.mark.parametrize("order", ["fixed", "rank"])
 def test_zscore_values_are_log1p_cpm_standardised_per_gene_on_train(cohort, order):
     adata, splits = cohort
-    cfg = SequenceConfig(seq_len=16, order=order, values="zscore", min_fraction_expressed=0)
+    cfg = ExpressionOptions(seq_len=16, order=order, values="zscore", min_fraction_expressed=0)
     seqs = build_sequences(adata, splits, config=cfg)
     gene_ids = seqs.vocab.set_index("token_id")["gene_id"]
     logged = np.log1p(normalised(adata, method="log1p_cpm")[0])
@@ -210,7 +211,7 @@ def test_genomic_sequences_follow_the_genome_and_carry_zero_values(cohort):
     row = adata.obs_names.get_loc(splits.loc[splits["split"] == "test", "case_id"].iloc[0])
     adata.layers["counts"][row, silent] = 0
     positions = gene_positions(N_GENES)
-    cfg = SequenceConfig(seq_len=24, order="genomic", min_fraction_expressed=0.2)
+    cfg = ExpressionOptions(seq_len=24, order="genomic", min_fraction_expressed=0.2)
     seqs = build_sequences(adata, splits, config=cfg, positions=positions)
     gene_of = seqs.vocab.set_index("token_id")["gene_id"]
     rank = {"chr1": 1, "chr2": 2, "chr10": 10, "chrX": 23}
@@ -229,7 +230,7 @@ def test_genomic_sequences_follow_the_genome_and_carry_zero_values(cohort):
 def test_train_case_counts_do_change_the_fit(cohort):
     """The counterpart of the leakage test: it would pass vacuously if nothing were fitted."""
     adata, splits = cohort
-    cfg = SequenceConfig(seq_len=16, n_hvg=12, order="fixed")
+    cfg = ExpressionOptions(seq_len=16, n_hvg=12, order="fixed")
     first = build_sequences(adata, splits, config=cfg)
     changed = adata.copy()
     train_rows = np.flatnonzero(
@@ -244,16 +245,16 @@ def test_train_case_counts_do_change_the_fit(cohort):
 def test_cases_outside_splits_are_left_out_and_unknown_cases_fail(cohort):
     adata, splits = cohort
     subset = splits.iloc[2:]
-    seqs = build_sequences(adata, subset, config=SequenceConfig(seq_len=16))
+    seqs = build_sequences(adata, subset, config=ExpressionOptions(seq_len=16))
     assert sorted(seqs.case_ids.tolist()) == sorted(subset["case_id"].tolist())
     unknown = pd.concat([splits, pd.DataFrame({"case_id": ["ghost"], "split": ["test"]})])
     with pytest.raises(ExpressionFileError, match=r"not in the expression matrix.*'ghost'"):
-        build_sequences(adata, unknown, config=SequenceConfig(seq_len=16))
+        build_sequences(adata, unknown, config=ExpressionOptions(seq_len=16))
     no_train = splits.assign(split="val")
     with pytest.raises(ExpressionFileError, match=r"no case .* in 'train'"):
-        build_sequences(adata, no_train, config=SequenceConfig(seq_len=16))
+        build_sequences(adata, no_train, config=ExpressionOptions(seq_len=16))
     with pytest.raises(ExpressionFileError, match=r"split value\(s\) \['holdout'\]"):
-        build_sequences(adata, splits.assign(split="holdout"), config=SequenceConfig(seq_len=16))
+        build_sequences(adata, splits.assign(split="holdout"), config=ExpressionOptions(seq_len=16))
 
 
 def test_written_files_are_byte_identical_across_runs_and_read_back(cohort, tmp_path, monkeypatch):

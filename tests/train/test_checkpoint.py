@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mgi.train import checkpoint
-from mgi.train.checkpoint import code_digest, run_fingerprint
+from mgi import checkpoint
+from mgi.checkpoint import code_digest, run_fingerprint
 
 SETTINGS = {"seed": 0, "pretrain": {"epochs": 3, "lr": 0.001, "num_workers": 2, "devices": 1}}
 

@@ -14,11 +14,14 @@ import yaml
 from monai.losses import DiceCELoss
 
 import mgi.train.finetune as finetune_module
+from mgi.checkpoint import save_pretrained
 from mgi.cli import main
 from mgi.errors import TrainingError
 from mgi.models import SegmentationModel, UNetSegmentation
-from mgi.train.finetune import VARIANTS, build_variant, finetune
+from mgi.options import FinetuneSettings, PretrainSettings, build, stage_settings
+from mgi.train.finetune import build_variant, finetune
 from mgi.train.pretrain import pretrain
+from mgi.variants import VARIANTS
 
 from .conftest import REPO, TinyCohort, write_tiny_cohort
 
@@ -38,8 +41,8 @@ def tuned(cohort: TinyCohort, **finetune_opts: object) -> dict:
 def run_finetune(cohort: TinyCohort, variant: str, out_dir: Path, settings: dict,
                  pretrained: Path | None = None) -> bool:
     return finetune(variant=variant, sequences_path=cohort.sequences, splits_path=cohort.splits,
-                    qc_path=cohort.qc, pretrained_path=pretrained, settings=settings,
-                    out_dir=out_dir)
+                    qc_path=cohort.qc, pretrained_path=pretrained,
+                    settings=stage_settings(FinetuneSettings, settings), out_dir=out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +71,16 @@ def test_each_variant_builds_and_a_few_steps_lower_its_loss(cohort: TinyCohort, 
     settings = tuned(cohort)
     spec = VARIANTS[variant]
     torch.manual_seed(0)
-    model = build_variant(variant, settings, vocab_size=VOCAB, in_chans=1)
+    model = build_variant(variant, stage_settings(FinetuneSettings, settings), vocab_size=VOCAB,
+                          seq_len=8, in_chans=1)
     if spec.network == "unet":
         assert isinstance(model, UNetSegmentation)
     else:
         assert isinstance(model, SegmentationModel)
         assert (model.gene_encoder is not None) == spec.genes
         if spec.genes:
-            assert model.gene_encoder.cfg.kind == spec.gene_kind(settings)
+            configured = settings["model"]["gene_encoder"]["kind"]
+            assert model.gene_encoder.cfg.kind == spec.gene_kind(configured)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(4, 1, 16, 16, generator=g)
     masks = torch.zeros(4, 1, 16, 16)
@@ -103,7 +108,7 @@ def transformer_pretraining(cohort: TinyCohort, tmp_path_factory) -> Path:
     settings["pretrain"].update(epochs=1, checkpoint_every=0)
     out = tmp_path_factory.mktemp("pretrain_transformer")
     pretrain(sequences_path=cohort.sequences, splits_path=cohort.splits, qc_path=cohort.qc,
-             settings=settings, out_dir=out)
+             settings=stage_settings(PretrainSettings, settings), out_dir=out)
     return out / "model.pt"
 
 
@@ -117,7 +122,8 @@ def test_scratch_unet_and_gene_encoder_ablation_train_end_to_end(
     assert checkpoint["best_epoch"] in (1, 2) and 0.0 <= checkpoint["val_dice"] <= 1.0
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [1, 2]
-    model = build_variant(variant, checkpoint["settings"], vocab_size=checkpoint["vocab_size"],
+    model = build_variant(variant, build(FinetuneSettings, checkpoint["settings"]),
+                          vocab_size=checkpoint["vocab_size"], seq_len=8,
                           in_chans=checkpoint["in_chans"])
     model.load_state_dict(checkpoint["state_dict"])  # evaluate rebuilds it the same way
     if variant == "mgi_transformer":
@@ -126,7 +132,8 @@ def test_scratch_unet_and_gene_encoder_ablation_train_end_to_end(
 
 def test_an_ablation_refuses_a_pretraining_of_another_gene_encoder(cohort: TinyCohort,
                                                                    tmp_path: Path):
-    torch.save({"state_dict": {}, "gene_config": {"kind": "mamba"}}, tmp_path / "mamba.pt")
+    save_pretrained(tmp_path / "mamba.pt", state_dict={}, gene_config={"kind": "mamba"},
+                    image_config={}, best_epoch=1)
     settings = tuned(cohort, on_failure="raise")
     with pytest.raises(TrainingError, match=r"'mamba'.*mgi_transformer uses 'transformer'"):
         run_finetune(cohort, "mgi_transformer", tmp_path / "out", settings, tmp_path / "mamba.pt")

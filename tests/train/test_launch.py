@@ -76,7 +76,8 @@ def test_slurm_job_names_job_partition_node_step_and_task():
 
 
 def pretrain_argv(tmp_path: Path, *extra: str) -> list[str]:
-    settings = {"pretrain": {"devices": 1, "num_nodes": 1}}
+    settings = {"model": {}, "pretrain": {"devices": 1, "num_nodes": 1}, "imaging": {},
+                "expression": {}, "seed": 0}
     return ["pretrain", "--sequences", str(tmp_path / "s.npz"), "--splits", "x", "--qc", "y",
             "--settings", json.dumps(settings), "--out-dir", str(tmp_path), "--threads", "4",
             *extra]

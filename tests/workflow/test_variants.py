@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from mgi.train.finetune import VARIANTS
+from mgi.variants import VARIANTS
 
 from .conftest import REPO, make_workdir, run
 
@@ -62,10 +62,10 @@ def test_each_variant_starts_from_its_pretraining_and_each_ablation_kind_pretrai
         pretrained = option(finetunes[variant], "--pretrained")
         if not spec.pretrained:
             assert pretrained is None, variant
-        elif spec.gene_kind(config) == main_kind:
+        elif spec.gene_kind(main_kind) == main_kind:
             assert pretrained == f"{root}/pretrain/model.pt", variant
         else:
-            assert pretrained == f"{root}/pretrain/ablation/{spec.gene_kind(config)}/model.pt"
+            assert pretrained == f"{root}/pretrain/ablation/{spec.gene_kind(main_kind)}/model.pt"
 
     evaluate = next(job for job in jobs if job["rule"] == "evaluate")
     variant = option(evaluate["shell"], "--model").split("/")[-2]

@@ -5,12 +5,19 @@ import functools
 import json
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from config_check import check_config  # workflow/rules/config_check.py
 
 min_version("9.0")
 
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+check_config(config, workflow.source_path("../schemas/config.schema.yaml"), workflow)
+
+# The package's facts the rules need (variants, image table columns, results layout), generated
+# by `python -m mgi.registry` from mgi.variants and mgi.layout: Snakemake cannot import mgi.
+with open(workflow.source_path("../registry.json")) as _handle:
+    REGISTRY = json.load(_handle)
 
 COHORT = config["cohort"]
 # GENCODE GTF (gene positions): written by the demo, fetched from the GDC reference files
@@ -61,6 +68,11 @@ def image_table():
 def _read_image_table(path, mtime):
     with open(path) as handle:
         header = handle.readline().rstrip("\n").split("\t")
+        missing = [c for c in REGISTRY["image_table_columns"] if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: no column(s) {missing}; expected {REGISTRY['image_table_columns']}"
+            )
         return tuple(
             dict(zip(header, line.rstrip("\n").split("\t"))) for line in handle
         )
@@ -119,22 +131,29 @@ def stain_option(wildcards, input):
 
 
 # model.gene_encoder.kind's enum; variant mgi_{kind} is the gene-encoder ablation of that kind
-GENE_ENCODER_KINDS = ("mamba", "transformer", "mlp")
+GENE_ENCODER_KINDS = tuple(REGISTRY["gene_encoder_kinds"])
 PRETRAIN_SECTIONS = ("model", "pretrain", "imaging", "expression", "seed")
 
 
 def pretraining_of(variant):
-    """The pre-trained checkpoint a variant starts from, or None for the scratch variants.
-
-    mgi* variants start from the main pre-training, except a gene-encoder ablation mgi_{kind}
-    whose kind is not model.gene_encoder.kind: it starts from pretrain/ablation/{kind}/.
-    """
-    if not variant.startswith("mgi"):
+    """The pre-trained checkpoint a variant starts from, or None for the scratch variants
+    (mgi.variants.pretraining_of: a gene-encoder ablation whose kind is not
+    model.gene_encoder.kind starts from pretrain/ablation/{kind}/)."""
+    spec = REGISTRY["variants"][variant]
+    if not spec["pretrained"]:
         return None
-    kind = variant.removeprefix("mgi_")
-    if kind in GENE_ENCODER_KINDS and kind != config["model"]["gene_encoder"]["kind"]:
+    configured = config["model"]["gene_encoder"]["kind"]
+    kind = spec["gene_encoder"] or configured
+    if kind != configured:
         return results(f"pretrain/ablation/{kind}/model.pt")
     return results("pretrain/model.pt")
+
+
+def variant_files(name):
+    """finetune/{variant}/{name} of every configured variant, in the config's order."""
+    return expand(
+        results("finetune/{variant}/" + name), variant=config["finetune"]["variants"]
+    )
 
 
 def variant_inputs(wildcards):

@@ -21,7 +21,7 @@ if MODALITY == "mri":
         resources:
             mem_mb=2000,
         params:
-            settings=settings("imaging"),
+            settings=settings("imaging", "seed"),
             raw_dir=folder_of("table", of="input"),
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "

@@ -40,17 +40,14 @@ rule report:
         retrieval=results("pretrain/retrieval.json"),
         splits=results("splits.tsv"),
         qc=results("images/qc.tsv"),
-        expression=results("expression/expression.h5ad"),
+        banks=image_banks,
         attribution=results("report/gene_attribution.tsv"),
         attribution_summary=results("report/gene_attribution.json"),
-        variants=expand(
-            results("finetune/{variant}/test_patients.tsv"),
-            variant=config["finetune"]["variants"],
-        ),
-        status=expand(
-            results("finetune/{variant}/status.json"),
-            variant=config["finetune"]["variants"],
-        ),
+        patients=variant_files("test_patients.tsv"),
+        slices=variant_files("test_slices.tsv"),
+        predictions=variant_files("test_predictions.h5"),
+        status=variant_files("status.json"),
+        histories=variant_files("history.tsv"),
     output:
         metrics=report(
             results("report/metrics.json"),
@@ -78,10 +75,15 @@ rule report:
     params:
         settings=settings("evaluate", "finetune"),
         cohort=COHORT,
-        results_dir=folder_of("splits", of="input"),
+        variants=" ".join(config["finetune"]["variants"]),
     shell:
-        "mgi report --cohort {params.cohort} --results-dir {params.results_dir} "
-        "--settings {params.settings:q} --metrics {output.metrics} --html {output.html} "
+        "mgi report --cohort {params.cohort} --settings {params.settings:q} "
+        "--retrieval {input.retrieval} --pretrain-history {input.history} "
+        "--splits {input.splits} --qc {input.qc} --banks {input.banks} "
+        "--variants {params.variants} --patients {input.patients} "
+        "--slices {input.slices} --predictions {input.predictions} "
+        "--status {input.status} --histories {input.histories} "
         "--attribution {input.attribution} "
-        "--attribution-summary {input.attribution_summary} --figures {output.figures} "
+        "--attribution-summary {input.attribution_summary} "
+        "--metrics {output.metrics} --html {output.html} --figures {output.figures} "
         "> {log} 2>&1"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import requests
-from tqdm import tqdm
 
 from mgi.acquire.http import (
     DEFAULT_TIMEOUT,
@@ -35,6 +34,7 @@ from mgi.acquire.http import (
     send,
 )
 from mgi.errors import AcquireError
+from mgi.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +334,8 @@ class _Progress:
     """A progress bar of bytes (and files done, as its postfix) shared by the workers."""
 
     def __init__(self, total: int, *, n_files: int = 0) -> None:
-        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc="GDC download", disable=None)
+        self._bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                 desc="GDC download")
         self._lock = threading.Lock()
         self.fetched = 0  # bytes received from the server, all files together
         self.n_files, self.files_done = n_files, 0

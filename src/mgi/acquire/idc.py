@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mgi.acquire.http import replace_dir, temporary_dir
-from mgi.acquire.tcia import FAILURE_COLUMNS, SERIES_COLUMNS, write_series_tables
+from mgi.acquire.series import FAILURE_COLUMNS, SERIES_COLUMNS, write_series_tables
 from mgi.errors import AcquireError
 
 log = logging.getLogger(__name__)

@@ -18,17 +18,18 @@ gtf          the GENCODE GTF among the GDC reference files (gene positions for t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from mgi.acquire import gdc, tcia
+from mgi.acquire import gdc, radiology
 from mgi.acquire.http import new_session, safe_relative
 from mgi.errors import AcquireError, MgiError
 from mgi.io import read_tsv, write_tsv
+from mgi.layout import IMAGE_TABLE_COLUMNS
+from mgi.options import AcquireSettings, GdcOptions, SourcesSettings, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +42,8 @@ def run(action: str, args: argparse.Namespace) -> None:
                 "gtf": gene_annotation}
     if action not in handlers:
         raise AcquireError(f"unknown acquire action {action!r}; expected one of {ACTIONS}")
-    try:
-        settings = json.loads(args.settings)
-    except (TypeError, json.JSONDecodeError) as err:
-        raise AcquireError(f"--settings: not valid JSON ({err})") from err
-    if not isinstance(settings, dict):
-        raise AcquireError("--settings: expected a JSON object of config sections")
-    handlers[action](settings, args)
-
-
-def _section(settings: dict, *keys: str) -> dict:
-    value = settings
-    for depth, key in enumerate(keys):
-        if not isinstance(value, dict) or key not in value:
-            raise AcquireError(f"--settings: missing config section {'.'.join(keys[:depth + 1])!r}")
-        value = value[key]
-    return value
-
-
-def _key(section: dict, key: str, where: str):
-    if key not in section:
-        raise AcquireError(f"--settings: missing key {where}.{key}")
-    return section[key]
+    kind = SourcesSettings if action in ("gdc-download", "gtf") else AcquireSettings
+    handlers[action](stage_settings(kind, args.settings), args)
 
 
 def _arg(args: argparse.Namespace, name: str, action: str) -> Path:
@@ -72,8 +53,8 @@ def _arg(args: argparse.Namespace, name: str, action: str) -> Path:
     return Path(value)
 
 
-def _token(gdc_settings: dict) -> str | None:
-    name = gdc_settings.get("token_env") or ""
+def _token(gdc_settings: GdcOptions) -> str | None:
+    name = gdc_settings.token_env
     token = os.environ.get(name) if name else None
     if token:
         log.info("GDC token: taken from environment variable %s", name)
@@ -87,27 +68,26 @@ def _read_manifest(path: Path) -> pd.DataFrame:
         raise AcquireError(str(err)) from err
 
 
-def gdc_query(settings: dict, args: argparse.Namespace) -> None:
+def gdc_query(settings: AcquireSettings, args: argparse.Namespace) -> None:
     """Write manifest.tsv and clinical.tsv of the cohort's open GDC files."""
-    source = _section(settings, "sources", "gdc")
-    modality = _key(_section(settings, "imaging"), "modality", "imaging")
+    source = settings.sources.gdc
+    modality = settings.imaging.modality
     manifest_path = _arg(args, "manifest", "gdc-query")
     clinical_path = _arg(args, "clinical", "gdc-query")
-    api_url = _key(source, "api_url", "sources.gdc")
-    projects = list(_key(source, "project_ids", "sources.gdc"))
+    api_url = source.api_url
+    projects = list(source.project_ids)
     with new_session(token=_token(source)) as session:
         hits = gdc.query_files(session, api_url, filters=gdc.expression_filters(
-            project_ids=projects, workflow_type=_key(source, "workflow_type", "sources.gdc")))
+            project_ids=projects, workflow_type=source.workflow_type))
         manifest = gdc.choose_primary_profiles(gdc.build_manifest(hits))
-        manifest = gdc.limit_cases(manifest, source.get("max_cases"))
+        manifest = gdc.limit_cases(manifest, source.max_cases)
         if manifest.empty:
             raise AcquireError(f"GDC {api_url}: no open {gdc.EXPRESSION_DATA_TYPE!r} files of "
-                               f"workflow {source['workflow_type']!r} in projects {projects}")
+                               f"workflow {source.workflow_type!r} in projects {projects}")
         case_ids = sorted(set(manifest["case_id"]))
         if modality == "wsi":
             slide_hits = gdc.query_files(session, api_url, filters=gdc.slide_filters(
-                project_ids=projects, strategies=list(_key(source, "slide_strategies",
-                                                           "sources.gdc"))))
+                project_ids=projects, strategies=list(source.slide_strategies)))
             slides = gdc.build_manifest(slide_hits)
             slides = slides[slides["case_id"].isin(case_ids)]
             log.info("%d slide(s) of %d case(s)", len(slides), slides["case_id"].nunique())
@@ -121,17 +101,17 @@ def gdc_query(settings: dict, args: argparse.Namespace) -> None:
              len(case_ids), manifest_path, clinical_path)
 
 
-def gdc_download(settings: dict, args: argparse.Namespace) -> None:
+def gdc_download(settings: SourcesSettings, args: argparse.Namespace) -> None:
     """Download the manifest's files; write download_failures.tsv beside the manifest."""
-    source = _section(settings, "sources", "gdc")
+    source = settings.sources.gdc
     manifest_path = _arg(args, "manifest", "gdc-download")
     raw_dir = _arg(args, "raw_dir", "gdc-download")
     manifest = _read_manifest(manifest_path)
     for folder in ("expression", "slides"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
     summary = gdc.download_files(
-        manifest, raw_dir, api_url=_key(source, "api_url", "sources.gdc"),
-        parallel=int(source.get("parallel", 4)), token=_token(source))
+        manifest, raw_dir, api_url=source.api_url, parallel=source.parallel,
+        token=_token(source))
     failures_path = manifest_path.with_name("download_failures.tsv")
     write_tsv(gdc.failures_table(manifest, summary), failures_path)
     expression = manifest[manifest["data_type"] == gdc.EXPRESSION_DATA_TYPE]
@@ -144,27 +124,25 @@ def gdc_download(settings: dict, args: argparse.Namespace) -> None:
                            f"could be downloaded to {raw_dir}; see {failures_path}")
 
 
-def gene_annotation(settings: dict, args: argparse.Namespace) -> None:
+def gene_annotation(settings: SourcesSettings, args: argparse.Namespace) -> None:
     """Download the GTF named by sources.gdc.gtf (a GDC reference file) to --out."""
-    source = _section(settings, "sources", "gdc")
-    reference = _key(source, "gtf", "sources.gdc")
+    source = settings.sources.gdc
+    reference = source.gtf
     out = _arg(args, "out", "gtf")
-    row = {"id": _key(reference, "file_id", "sources.gdc.gtf"),
-           "md5": _key(reference, "md5", "sources.gdc.gtf"),
-           "size": reference.get("size"), "path": out.name}
+    row = {"id": reference.file_id, "md5": reference.md5, "size": reference.size,
+           "path": out.name}
     summary = gdc.download_files(
-        pd.DataFrame([row]), out.parent, api_url=_key(source, "api_url", "sources.gdc"),
-        parallel=1, token=_token(source))
+        pd.DataFrame([row]), out.parent, api_url=source.api_url, parallel=1,
+        token=_token(source))
     if summary.failed:
         raise AcquireError(f"GDC reference file {row['id']} (GTF for the genomic gene order) "
                            f"could not be downloaded to {out}: {summary.failed[0][1]}")
     log.info("GTF %s -> %s (%s)", row["id"], out, summary.line())
 
 
-def image_table(settings: dict, args: argparse.Namespace) -> None:
+def image_table(settings: AcquireSettings, args: argparse.Namespace) -> None:
     """Write images.tsv: the slides on disk (wsi) or the cases' MR series from TCIA (mri)."""
-    imaging = _section(settings, "imaging")
-    modality = _key(imaging, "modality", "imaging")
+    modality = settings.imaging.modality
     manifest_path = _arg(args, "manifest", "images")
     raw_dir = _arg(args, "raw_dir", "images")
     images_path = _arg(args, "images", "images")
@@ -174,17 +152,15 @@ def image_table(settings: dict, args: argparse.Namespace) -> None:
     if modality == "wsi":
         table = _slide_rows(manifest, raw_dir)
     elif modality == "mri":
-        tcia_settings = _section(settings, "sources", "tcia")
+        tcia_settings = settings.sources.tcia
         cases = sorted(set(manifest.loc[manifest["data_type"] == gdc.EXPRESSION_DATA_TYPE,
                                         "case_id"]))
-        table, failures = tcia.acquire_mri(
-            raw_dir, case_ids=cases, api_url=_key(tcia_settings, "api_url", "sources.tcia"),
-            collection=_key(tcia_settings, "collection", "sources.tcia"),
-            sequences=list(_key(_section(imaging, "mri"), "sequences", "imaging.mri")),
-            masks_url=tcia_settings.get("masks_url"),
-            provider=tcia_settings.get("provider", "nbia"),
+        table, failures = radiology.acquire_mri(
+            raw_dir, case_ids=cases, api_url=tcia_settings.api_url,
+            collection=tcia_settings.collection, sequences=list(settings.imaging.mri.sequences),
+            masks_url=tcia_settings.masks_url, provider=tcia_settings.provider,
             # sources.tcia has no `parallel`; the GDC's "files downloaded at once" serves both
-            parallel=int(settings.get("sources", {}).get("gdc", {}).get("parallel", 4)))
+            parallel=settings.sources.gdc.parallel)
         write_tsv(failures, images_path.with_name("image_failures.tsv"))
     else:
         raise AcquireError(f"imaging.modality: {modality!r}, expected 'mri' or 'wsi'")
@@ -207,4 +183,4 @@ def _slide_rows(manifest: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:
     return pd.DataFrame({
         "image_id": slides["id"], "case_id": slides["case_id"], "modality": "wsi",
         "path": slides["path"], "mask_path": "",
-    }, columns=tcia.IMAGE_COLUMNS).reset_index(drop=True)
+    }, columns=IMAGE_TABLE_COLUMNS).reset_index(drop=True)

@@ -68,10 +68,12 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
 from scipy import ndimage
-from tqdm import tqdm
 
 from mgi.errors import AcquireError, ConfigError
 from mgi.io import write_tsv
+from mgi.layout import IMAGE_TABLE_COLUMNS
+from mgi.options import SyntheticOptions, default_of
+from mgi.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +141,10 @@ _MR_SEQUENCE_PARAMS = {  # ScanningSequence, SequenceVariant, TR, TE, TI
 
 
 @dataclass(frozen=True)
-class SyntheticCohortConfig:
-    """Size and seed of the synthetic demo cohort."""
+class SyntheticCohortConfig(SyntheticOptions):
+    """Size (the config's `synthetic` section) and seed of the synthetic demo cohort."""
 
-    n_cases: int = 24  # patients
-    n_genes: int = 600  # genes in each STAR file (besides the 4 N_* rows)
-    n_linked_genes: int = 24  # genes in each planted program
-    slices: int = 12  # MR slices per series
-    image_px: int = 64  # MR matrix size (rows = cols)
-    n_slides: int = 3  # whole-slide images (one per case, for the first n_slides cases)
-    slide_px: int = 3072  # level-0 width and height of each slide
-    seed: int = 0
+    seed: int = default_of("seed")
 
 
 @dataclass(frozen=True)
@@ -240,17 +235,16 @@ def _write_all(root: Path, config: SyntheticCohortConfig) -> None:
     cases = _draw_cases(config)
     genes = _draw_genes(config)
     manifest, images = [], []
-    for case in tqdm(cases, desc="synthetic cases", unit="case", disable=None):
+    for case in progress(cases, desc="synthetic cases", unit="case"):
         manifest.append(_write_expression(root, case, genes, config))
         images.append(_write_radiology(root, case, config))
     (root / "slides").mkdir(exist_ok=True)  # the layout is the same without slides (n_slides 0)
-    for case in tqdm(cases[: config.n_slides], desc="synthetic slides", unit="slide",
-                     disable=None):
+    for case in progress(cases[: config.n_slides], desc="synthetic slides", unit="slide"):
         row, image = _write_slide(root, case, config)
         manifest.append(row)
         images.append(image)
     write_tsv(pd.DataFrame(manifest, columns=MANIFEST_COLUMNS), root / "manifest.tsv")
-    write_tsv(pd.DataFrame(images), root / "images.tsv")
+    write_tsv(pd.DataFrame(images, columns=IMAGE_TABLE_COLUMNS), root / "images.tsv")
     write_tsv(_clinical_table(cases), root / "clinical.tsv")
     write_tsv(_truth_table(cases), root / "synthetic_truth.tsv")
     planted = genes.loc[genes.program != "", ["gene_id", "gene_name", "program"]]

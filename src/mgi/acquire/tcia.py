@@ -32,15 +32,16 @@ from mgi.acquire.http import (
     stream_to_file,
     temporary_dir,
 )
+from mgi.acquire.series import (
+    FAILURE_COLUMNS,
+    SERIES_COLUMNS,
+    write_series_tables,
+)
 from mgi.errors import AcquireError
-from mgi.io import atomic_path, write_tsv
+from mgi.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-SERIES_COLUMNS = ["SeriesInstanceUID", "PatientID", "Modality", "SeriesDescription", "ImageCount"]
-SERIES_TABLE_COLUMNS = ["SeriesInstanceUID", "sequence", "SeriesDescription", "ImageCount"]
-IMAGE_COLUMNS = ["image_id", "case_id", "modality", "path", "mask_path"]
-FAILURE_COLUMNS = ["case_id", "SeriesInstanceUID", "sequence", "reason"]
 # LGG layout (Buda et al. 2019): {folder}/{folder}_{slice}_mask.tif, folder = {patient}_{date}
 _LGG_FOLDER = re.compile(r"^(?P<patient>.+)_(?P<date>\d{8})$")
 _TCGA_BARCODE = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
@@ -198,16 +199,6 @@ def download_radiology(
     return cases, failures
 
 
-def write_series_tables(done: pd.DataFrame, radiology_dir: Path) -> dict[str, Path]:
-    """Write `radiology/{case}/series.tsv` of the series in place; return {case_id: folder}."""
-    cases = {}
-    for case_id, group in done.groupby("PatientID", sort=True):
-        folder = radiology_dir / str(case_id)
-        write_tsv(group.reindex(columns=SERIES_TABLE_COLUMNS), folder / "series.tsv")
-        cases[str(case_id)] = folder
-    return cases
-
-
 def lgg_case_id(folder_name: str) -> str | None:
     """Case id of an LGG folder name (TCGA_CS_4941_19960909 -> TCGA-CS-4941); None if not one."""
     match = _LGG_FOLDER.match(folder_name)
@@ -328,48 +319,3 @@ def _copy_lgg_masks(root: Path, masks_dir: Path, wanted: set[str]) -> dict[str, 
         copied[case_id] = dest
     log.info("masks: %d of %d case(s) found in %s", len(copied), len(wanted), root)
     return copied
-
-
-def acquire_mri(
-    raw_dir: str | os.PathLike[str], *, case_ids: list[str], api_url: str, collection: str,
-    sequences: list[str], masks_url: str | None, parallel: int = 4, retries: int = 3,
-    backoff: float = 0.5, provider: str = "nbia", idc_client: object | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fetch the cases' MR series (and masks); return the image table rows and the failures.
-
-    `provider` "nbia" asks TCIA's NBIA API at `api_url`; "idc" lists the series in the
-    Imaging Data Commons index (idc-index, offline) and fetches them with its downloader.
-    One image row per case with at least one series in place: image_id = case_id,
-    path `radiology/{case_id}`, mask_path `masks/{case_id}` when masks were found, else ''.
-    """
-    raw_dir = Path(raw_dir)
-    if provider not in ("nbia", "idc"):
-        raise AcquireError(f"sources.tcia.provider: {provider!r}; expected 'nbia' or 'idc'")
-    with requests.Session() as session:
-        if provider == "idc":
-            from mgi.acquire import idc
-
-            series = idc.list_series(collection=collection, patient_ids=case_ids,
-                                     idc=idc_client)
-        else:
-            series = list_series(session, api_url, collection=collection, patient_ids=case_ids,
-                                 retries=retries, backoff=backoff)
-        selected = select_series(series, sequences=sequences)
-        without = sorted(set(case_ids) - set(selected["PatientID"]))
-        if without:
-            log.warning("%d case(s) have no MR series matching %s in %s: %s", len(without),
-                        sequences, collection, without[:10])
-        if provider == "idc":
-            cases, failures = idc.download_radiology(selected, raw_dir / "radiology",
-                                                     idc=idc_client)
-        else:
-            cases, failures = download_radiology(
-                selected, raw_dir / "radiology", api_url=api_url, parallel=parallel,
-                retries=retries, backoff=backoff)
-        masks = (copy_masks(masks_url, raw_dir / "masks", case_ids=list(cases), session=session)
-                 if masks_url else {})
-    rows = [{"image_id": case_id, "case_id": case_id, "modality": "mri",
-             "path": f"radiology/{case_id}",
-             "mask_path": f"masks/{masks[case_id].name}" if case_id in masks else ""}
-            for case_id in sorted(cases)]
-    return pd.DataFrame(rows, columns=IMAGE_COLUMNS), failures

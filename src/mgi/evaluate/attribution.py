@@ -153,15 +153,13 @@ def planted_enrichment(table: pd.DataFrame, *, top_k: int) -> dict:
 
 def load_clip(model_path: Path):
     """The pre-trained CLIP model, rebuilt from its checkpoint's configs (CPU, eval mode)."""
+    from mgi.checkpoint import load_pretrained
     from mgi.models import ClipModel, GeneEncoderConfig, ImageEncoderConfig
 
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
-    missing = [k for k in ("state_dict", "gene_config", "image_config") if k not in checkpoint]
-    if missing:
-        raise MgiError(f"{model_path}: not a pre-training checkpoint (no {missing})")
-    image = {**checkpoint["image_config"], "weights": None}  # the state dict holds the weights
-    model = ClipModel(GeneEncoderConfig(**checkpoint["gene_config"]), ImageEncoderConfig(**image))
-    model.load_state_dict(checkpoint["state_dict"])
+    checkpoint = load_pretrained(model_path)
+    image = {**checkpoint.image_config, "weights": None}  # the state dict holds the weights
+    model = ClipModel(GeneEncoderConfig(**checkpoint.gene_config), ImageEncoderConfig(**image))
+    model.load_state_dict(checkpoint.state_dict)
     return model.eval()
 
 

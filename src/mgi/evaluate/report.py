@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import textwrap
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from mgi.evaluate import plots
 from mgi.evaluate.stats import bootstrap_ci, paired_comparison
 from mgi.imaging.bank import read_bank
 from mgi.io import atomic_path, read_tsv
+from mgi.layout import results_path
+from mgi.options import ReportSettings
+from mgi.variants import ordered_variants
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,8 @@ PUBLISHED_ANCHORS = [
     {"model": "MGI (Zhou et al. 2024)", "dice": "0.901", "source": "paper, TCGA-LGG"},
     {"model": "U-Net (Buda et al. 2019)", "dice": "0.82–0.84", "source": "paper, TCGA-LGG FLAIR"},
 ]
-# The order of the variant table and of the comparisons with mgi (listed first); variants not
-# named here follow in the order of the config.
-BASELINE_ORDER = ["mgi_image_only", "vit_scratch", "unet_scratch", "vit_scratch_genes",
-                  "mgi_mamba", "mgi_transformer", "mgi_mlp"]
 TOP_GENES = 20  # genes shown in the attribution chart and table, and scored against the truth
-# How the metrics treat slices and patients without tumour (mgi.evaluate.metrics), in words.
+# How the metrics treat slices and patients without tumour (mgi.models.metrics), in words.
 EMPTY_MASKS = (
     "A slice whose truth mask is empty scores Dice 1 and IoU 1 when the prediction is empty too, "
     "and 0 when any pixel is predicted (MONAI's ignore_empty=False); HD95 is undefined for it, "
@@ -60,17 +60,54 @@ KEPT_BY = {
 }
 
 
-def ordered_variants(variants: list[str]) -> list[str]:
-    """mgi first, then the known baselines in BASELINE_ORDER, then the rest as configured."""
-    known = [v for v in ["mgi", *BASELINE_ORDER] if v in variants]
-    return known + [v for v in variants if v not in known]
+@dataclass(frozen=True)
+class VariantFiles:
+    """The files of one fine-tuned variant that the report reads (finetune/{variant}/)."""
+
+    patients: Path  # test_patients.tsv
+    slices: Path  # test_slices.tsv
+    predictions: Path  # test_predictions.h5
+    status: Path  # status.json
+    history: Path  # history.tsv
 
 
-def load_status(results_dir: Path, variants: list[str]) -> dict[str, dict]:
+@dataclass(frozen=True)
+class ReportInputs:
+    """Every file the report reads, named by its rule (no path is rebuilt here)."""
+
+    retrieval: Path
+    pretrain_history: Path
+    splits: Path
+    qc: Path
+    banks: dict[str, Path]  # image_id -> image bank (the overlays' slices)
+    variants: dict[str, VariantFiles]  # in the config's order
+    attribution: Path | None = None
+    attribution_summary: Path | None = None
+
+    @classmethod
+    def from_results(cls, root: Path, variants: list[str], *,
+                     attribution: bool = True) -> ReportInputs:
+        """The inputs of a results folder laid out as mgi.layout.RESULTS says."""
+        qc = results_path(root, "qc")
+        image_ids = read_tsv(qc)["image_id"] if qc.exists() else []
+        return cls(
+            retrieval=results_path(root, "retrieval"),
+            pretrain_history=results_path(root, "pretrain_history"), splits=results_path(
+                root, "splits"), qc=qc,
+            banks={i: results_path(root, "bank", image_id=i) for i in image_ids},
+            variants={v: VariantFiles(*(results_path(root, name, variant=v) for name in (
+                "test_patients", "test_slices", "test_predictions", "status",
+                "finetune_history"))) for v in variants},
+            attribution=results_path(root, "attribution") if attribution else None,
+            attribution_summary=(results_path(root, "attribution_summary") if attribution
+                                 else None),
+        )
+
+
+def load_status(files: dict[str, Path]) -> dict[str, dict]:
     """Each variant's status.json ({"status": "ok"} where there is none, as in older results)."""
     status = {}
-    for variant in variants:
-        path = results_dir / "finetune" / variant / "status.json"
+    for variant, path in files.items():
         if not path.exists():
             status[variant] = {"variant": variant, "status": "ok"}
             continue
@@ -88,9 +125,9 @@ def load_status(results_dir: Path, variants: list[str]) -> dict[str, dict]:
     return status
 
 
-def load_patients(results_dir: Path, variants: list[str]) -> dict[str, pd.DataFrame]:
+def load_patients(files: dict[str, Path]) -> dict[str, pd.DataFrame]:
     """Each variant's per-patient test metrics, numeric (an empty HD95 is NaN)."""
-    patients = {v: read_tsv(results_dir / "finetune" / v / "test_patients.tsv") for v in variants}
+    patients = {v: read_tsv(path) for v, path in files.items()}
     for table in patients.values():
         for key in ("dice", "iou", "hd95"):
             table[key] = pd.to_numeric(table[key].mask(table[key] == ""))  # "" = NaN
@@ -278,17 +315,17 @@ def _read_predictions(path: Path) -> tuple | None:
         return None
 
 
-def _overlays(results_dir: Path, variants: list[str], ranked_by: pd.DataFrame) -> list[dict]:
+def _overlays(inputs: ReportInputs, variants: list[str], ranked_by: pd.DataFrame) -> list[dict]:
     """Best, median and worst test patients of one variant: their largest-tumour slice, with
     the prediction of every (scored) variant."""
     if ranked_by.empty:
         return []
-    qc = read_tsv(results_dir / "images" / "qc.tsv")
+    qc = read_tsv(inputs.qc)
     ranked = ranked_by.sort_values("dice", kind="stable").reset_index(drop=True)
     picks = {"best": len(ranked) - 1, "median": len(ranked) // 2, "worst": 0}
     predictions = {}
     for variant in variants:
-        found = _read_predictions(results_dir / "finetune" / variant / "test_predictions.h5")
+        found = _read_predictions(inputs.variants[variant].predictions)
         if found is not None:
             predictions[variant] = found
     figures = []
@@ -298,7 +335,7 @@ def _overlays(results_dir: Path, variants: list[str], ranked_by: pd.DataFrame) -
         if image_ids.empty:
             continue
         image_id = image_ids.iloc[0]
-        bank = read_bank(results_dir / "images" / f"{image_id}.h5")
+        bank = read_bank(inputs.banks[image_id])
         if bank.masks is None:
             continue
         item = int(np.argmax(bank.masks.reshape(len(bank.masks), -1).sum(1)))
@@ -333,11 +370,10 @@ def _seconds(history: pd.DataFrame) -> float | None:
     return float(history["seconds"].iloc[-1])
 
 
-def _empty_slices(results_dir: Path, variants: list[str]) -> dict:
+def _empty_slices(files: dict[str, Path]) -> dict:
     """Test slices with an empty truth mask, and per variant how many of them got a prediction."""
     counts: dict = {"slices": None, "empty_truth": None, "false_positive": {}}
-    for variant in variants:
-        path = results_dir / "finetune" / variant / "test_slices.tsv"
+    for variant, path in files.items():
         try:
             slices = read_tsv(path, required=["truth_pixels", "pred_pixels"])
         except MgiError:
@@ -367,28 +403,30 @@ def _number(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path: Path,
-                 html_path: Path, attribution_path: Path | None = None,
-                 attribution_summary_path: Path | None = None,
-                 figures_dir: Path | None = None) -> dict:
+def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
+                 metrics_path: Path, html_path: Path, figures_dir: Path | None = None) -> dict:
     """Write metrics.json and report.html (and the figures as PNGs); return the metrics."""
-    variants = ordered_variants(list(settings["finetune"]["variants"]))
-    n_boot = settings["evaluate"]["bootstrap"]
-    retrieval = json.loads((results_dir / "pretrain" / "retrieval.json").read_text())
-    status = load_status(results_dir, variants)
+    variants = ordered_variants(list(settings.finetune.variants))
+    missing = [v for v in variants if v not in inputs.variants]
+    if missing:
+        raise MgiError(f"report: no result files given for the configured variant(s) {missing}")
+    files = inputs.variants
+    n_boot = settings.evaluate.bootstrap
+    retrieval = json.loads(inputs.retrieval.read_text())
+    status = load_status({v: files[v].status for v in variants})
     scored = [v for v in variants if status[v]["status"] == "ok"]
     for v in variants:
         if v not in scored:
             log.warning("variant %s failed (%s): shown as failed", v, status[v].get("error"))
-    patients = load_patients(results_dir, scored)
-    splits = read_tsv(results_dir / "splits.tsv", required=["case_id", "split"])
+    patients = load_patients({v: files[v].patients for v in scored})
+    splits = read_tsv(inputs.splits, required=["case_id", "split"])
     metrics = build_metrics(cohort=cohort, splits=splits, retrieval=retrieval,
                             patients=patients, n_boot=n_boot, status=status)
 
-    pre_history = _history(results_dir / "pretrain" / "history.tsv")
-    histories = {v: _history(results_dir / "finetune" / v / "history.tsv") for v in variants}
+    pre_history = _history(inputs.pretrain_history)
+    histories = {v: _history(files[v].history) for v in variants}
     seg = metrics["segmentation"]
-    qc = read_tsv(results_dir / "images" / "qc.tsv")
+    qc = read_tsv(inputs.qc)
     n_val = retrieval["val"]["n_patients"]
     pngs = {
         "pretrain_curves": plots.pretrain_curves(pre_history, chance=1.0 / max(1, n_val)),
@@ -409,13 +447,13 @@ def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path
                  f"{textwrap.shorten(str(status[v]['error']), 400)}"
                  for v in variants if v not in scored]
     attribution = None
-    if attribution_path is not None and attribution_summary_path is not None:
-        attribution = _attribution_section(attribution_path, attribution_summary_path)
+    if inputs.attribution is not None and inputs.attribution_summary is not None:
+        attribution = _attribution_section(inputs.attribution, inputs.attribution_summary)
         pngs["gene_attribution"] = plots.gene_attribution(attribution["top"])
         metrics["attribution"] = attribution["metrics"]
         findings.append(attribution["finding"])
 
-    metrics["empty_masks"] = _empty_slices(results_dir, scored)
+    metrics["empty_masks"] = _empty_slices({v: files[v].slices for v in scored})
     # wall times are facts of the run, not metrics: kept out of metrics.json (a rerun elsewhere
     # gives the same metrics, and `dvc metrics diff` shows what changed in the results)
     wall = {
@@ -439,7 +477,7 @@ def write_report(*, cohort: str, results_dir: Path, settings: dict, metrics_path
     html = environment.get_template("report.html").render(
         cohort=cohort, metrics=metrics, retrieval=retrieval, variants=variants, status=status,
         figures={name: _b64(png) for name, png in pngs.items()}, findings=findings,
-        overlays=(_overlays(results_dir, scored, patients[overlay_variant])
+        overlays=(_overlays(inputs, scored, patients[overlay_variant])
                   if overlay_variant else []),
         overlay_variant=overlay_variant, empty_masks_text=EMPTY_MASKS,
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),

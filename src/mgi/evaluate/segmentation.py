@@ -24,14 +24,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import torch
 
-from mgi.evaluate.metrics import slice_metrics, volume_metrics
+from mgi.checkpoint import load_finetuned
 from mgi.imaging.bank import BankHeader
 from mgi.io import atomic_dir, atomic_path, write_tsv
+from mgi.models.metrics import slice_metrics, volume_metrics
+from mgi.options import EvaluateSettings
 from mgi.train.build import pick_device, seed_everything
 from mgi.train.data import CohortData, load_cohort
-from mgi.train.finetune import build_variant, predict, variant_spec
+from mgi.train.finetune import build_variant, predict
+from mgi.variants import variant_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def evaluate_variant(
     sequences_path: Path,
     splits_path: Path,
     qc_path: Path,
-    settings: dict,
+    settings: EvaluateSettings,
     patients_path: Path,
     slices_path: Path,
     predictions_path: Path,
@@ -63,24 +65,25 @@ def evaluate_variant(
     """
     predictions_dir = predictions_dir or patients_path.parent / "predictions"
     status_path = status_path or patients_path.parent / "status.json"
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=False)
-    variant = checkpoint["variant"]
-    threshold = settings["evaluate"]["threshold"]
-    if checkpoint.get("failed"):
+    checkpoint = load_finetuned(model_path)
+    variant = checkpoint.variant
+    threshold = settings.evaluate.threshold
+    if checkpoint.failed:
         log.warning("%s: fine-tuning failed (%s); writing empty results", variant,
-                    checkpoint.get("error", ""))
-        return _write_failed(variant, checkpoint.get("error", ""), threshold=threshold,
+                    checkpoint.error)
+        return _write_failed(variant, checkpoint.error, threshold=threshold,
                              patients_path=patients_path, slices_path=slices_path,
                              predictions_path=predictions_path, predictions_dir=predictions_dir,
                              status_path=status_path)
 
     seed_everything(0, threads=threads)
-    model = build_variant(variant, checkpoint["settings"], vocab_size=checkpoint["vocab_size"],
-                          in_chans=checkpoint["in_chans"])
-    model.load_state_dict(checkpoint["state_dict"])
-    device = pick_device(checkpoint["settings"]["finetune"]["device"])
-    model.to(device)
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
+    model = build_variant(variant, checkpoint.settings, vocab_size=checkpoint.vocab_size,
+                          seq_len=data.sequences.token_ids.shape[1],
+                          in_chans=checkpoint.in_chans)
+    model.load_state_dict(checkpoint.state_dict)
+    device = pick_device(checkpoint.settings.finetune.device)
+    model.to(device)
     items = data.items("test", labelled=True)
     probs = predict(model, data, items, with_genes=variant_spec(variant).genes, device=device)
     pred = probs >= threshold
@@ -115,8 +118,8 @@ def evaluate_variant(
         h5.attrs["threshold"] = threshold
     write_patient_masks(data, items, pred, out_dir=predictions_dir, variant=variant)
     _write_status(status_path, {"variant": variant, "status": "ok",
-                                "best_epoch": int(checkpoint["best_epoch"]),
-                                "val_dice": _finite(checkpoint["val_dice"])})
+                                "best_epoch": checkpoint.best_epoch,
+                                "val_dice": _finite(checkpoint.val_dice)})
     log.info("%s: test patient Dice %.4f over %d patients", variant,
              patients["dice"].mean(), len(patients))
     return patients

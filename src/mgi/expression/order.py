@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,69 +18,13 @@ import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
 from mgi.expression.gtf import genomic_order, unversioned
+from mgi.options import ExpressionOptions
 
 log = logging.getLogger(__name__)
 
-NORMALIZE = ("log1p_cpm", "tpm", "fpkm_uq")
-ORDERS = ("rank", "genomic", "fixed")
-VALUES = ("bins", "continuous", "zscore")
 CPM_TARGET = 1e6
 # expression.normalize -> the AnnData layer it reads (log1p_cpm reads the counts)
 LAYER_OF = {"log1p_cpm": "counts", "tpm": "tpm", "fpkm_uq": "fpkm_uq"}
-
-
-@dataclass(frozen=True)
-class SequenceConfig:
-    """How expression profiles become gene sequences (the config's `expression` section)."""
-
-    gene_types: tuple[str, ...] = ("protein_coding",)  # empty: every gene type
-    min_fraction_expressed: float = 0.1  # share of train cases with count > 0
-    normalize: str = "log1p_cpm"  # log1p_cpm | tpm | fpkm_uq
-    order: str = "rank"  # rank | genomic | fixed
-    n_hvg: int | None = None  # keep the top-n highly-variable genes (fitted on train)
-    gene_list: str | None = None  # file of gene ids or names: the genes kept (fixed: in order)
-    values: str = "bins"  # bins | continuous | zscore
-    n_bins: int = 51  # bin 0 = not expressed, 1..n_bins-1 = per-sample quantiles
-    seq_len: int = 256  # tokens per sequence, <cls> included
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gene_types", tuple(self.gene_types))
-        choices = {"normalize": NORMALIZE, "order": ORDERS, "values": VALUES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"expression.{name}: {getattr(self, name)!r}; expected one of {list(allowed)}"
-                )
-        if not 0 <= self.min_fraction_expressed <= 1:
-            raise ConfigError(
-                f"expression.min_fraction_expressed: {self.min_fraction_expressed}; "
-                "expected a number in [0, 1]"
-            )
-        if self.n_hvg is not None and (isinstance(self.n_hvg, bool) or self.n_hvg < 1):
-            raise ConfigError(
-                f"expression.n_hvg: {self.n_hvg}; expected a positive integer or null"
-            )
-        if self.n_bins < 3:
-            raise ConfigError(f"expression.n_bins: {self.n_bins}; expected an integer >= 3")
-        if self.seq_len < 2:
-            raise ConfigError(f"expression.seq_len: {self.seq_len}; expected an integer >= 2")
-
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> SequenceConfig:
-        """Return the config built from a mapping (e.g. config["expression"]); unknown keys fail."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ConfigError(
-                f"expression: unknown key(s) {unknown}; expected some of {sorted(known)}"
-            )
-        return cls(**dict(settings))
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the config as plain JSON-able values."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["gene_types"] = list(self.gene_types)
-        return out
 
 
 def normalised(
@@ -107,7 +49,7 @@ def normalised(
             )
         linear = np.asarray(_dense(adata.layers[layer]), dtype=np.float64)
     else:
-        raise ConfigError(f"expression.normalize: {method!r}; expected one of {list(NORMALIZE)}")
+        raise ConfigError(f"expression.normalize: {method!r}; expected one of {list(LAYER_OF)}")
     if genes is not None:
         linear = linear[:, genes]
     return linear, sc.pp.log1p(linear.copy())
@@ -122,7 +64,7 @@ class GeneOrder:
     `hvg_` (the scanpy table of the highly-variable-gene fit, or None).
     """
 
-    def __init__(self, config: SequenceConfig) -> None:
+    def __init__(self, config: ExpressionOptions) -> None:
         self.config = config
 
     def fit(

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from mgi.errors import ExpressionFileError, MgiError
-from mgi.expression.order import GeneOrder, SequenceConfig
+from mgi.expression.order import GeneOrder
 from mgi.io import atomic_path, read_tsv, write_tsv
+from mgi.options import ExpressionOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ValueEncoder:
     """Per-token values, fitted on the train cases: per-sample quantile bins (scGPT), log1p over
     the train std (`continuous`), or log1p standardised per gene (`zscore`)."""
 
-    def __init__(self, config: SequenceConfig) -> None:
+    def __init__(self, config: ExpressionOptions) -> None:
         self.config = config
 
     def fit(self, train_log: np.ndarray) -> ValueEncoder:
@@ -114,7 +115,7 @@ def build_sequences(
     adata: ad.AnnData,
     splits: pd.DataFrame,
     *,
-    config: SequenceConfig | None = None,
+    config: ExpressionOptions | None = None,
     positions: pd.DataFrame | None = None,
     gene_list: list[str] | None = None,
 ) -> GeneSequences:
@@ -124,7 +125,7 @@ def build_sequences(
     `positions` (gene positions from the GTF) is needed by order "genomic"; `gene_list`
     restricts the genes (see GeneOrder.fit).
     """
-    config = config or SequenceConfig()
+    config = config or ExpressionOptions()
     if not adata.obs_names.is_unique:
         raise ExpressionFileError("expression matrix: case ids (obs names) repeat; expected unique")
     split_of = _check_splits(splits, adata)

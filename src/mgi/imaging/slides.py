@@ -24,13 +24,13 @@ import tifffile
 import torch
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
-from tqdm import tqdm
 
 from mgi.errors import ConfigError, SlideError
 from mgi.imaging.bank import bank_writer, write_failed_bank
 from mgi.imaging.stain import Normaliser
 from mgi.imaging.tissue import tissue_mask
 from mgi.io import atomic_path
+from mgi.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def _tile(
     with bank_writer(out_path, n_items=len(chosen), item_shape=(3, tile_px, tile_px),
                      modality="wsi", coords=coords, with_masks=annotation is not None) as bank:
         batches = range(0, len(chosen), WRITE_BATCH_TILES)
-        for start in tqdm(batches, desc=f"tiles {image_id}", unit="batch", disable=None):
+        for start in progress(batches, desc=f"tiles {image_id}", unit="batch"):
             cells = chosen[start:start + WRITE_BATCH_TILES]
             tiles = read_tiles(slide, plan, cells, tile_px=tile_px, threads=threads)
             if normaliser is not None:

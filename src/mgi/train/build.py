@@ -9,70 +9,63 @@ import numpy as np
 import torch
 
 from mgi.models import GeneEncoderConfig, ImageEncoderConfig, UNetConfig
+from mgi.options import ExpressionOptions, ImagingOptions, ModelOptions, UNetOptions
 
 
-def gene_config(settings: dict, *, vocab_size: int, kind: str | None = None
-                ) -> GeneEncoderConfig:
-    """The gene encoder's config from the `model` and `expression` sections; `kind` replaces
-    model.gene_encoder.kind (the gene-encoder ablations)."""
-    gene = settings["model"]["gene_encoder"]
-    expression = settings["expression"]
+def gene_config(model: ModelOptions, expression: ExpressionOptions, *, vocab_size: int,
+                seq_len: int, kind: str | None = None) -> GeneEncoderConfig:
+    """The gene encoder's config from the `model` and `expression` sections; `seq_len` from the
+    sequences file, `kind` replaces model.gene_encoder.kind (the gene-encoder ablations)."""
+    gene = model.gene_encoder
     return GeneEncoderConfig(
-        kind=kind or gene["kind"],
+        kind=kind or gene.kind,
         vocab_size=vocab_size,
-        seq_len=expression["seq_len"],
+        seq_len=seq_len,
         # zscore values are continuous numbers to the model, as continuous ones are
-        value_encoding="bins" if expression["values"] == "bins" else "continuous",
-        n_bins=expression["n_bins"],
-        d_model=gene["d_model"],
-        n_layers=gene["n_layers"],
-        d_state=gene["d_state"],
-        d_conv=gene["d_conv"],
-        expand=gene["expand"],
-        bidirectional=gene["bidirectional"],
-        n_heads=gene["n_heads"],
-        dropout=gene["dropout"],
-        embed_dim=settings["model"]["embed_dim"],
-        scan_backend=gene["scan_backend"],
-        recompute=gene["recompute"],
+        value_encoding="bins" if expression.values == "bins" else "continuous",
+        n_bins=expression.n_bins,
+        d_model=gene.d_model,
+        n_layers=gene.n_layers,
+        d_state=gene.d_state,
+        d_conv=gene.d_conv,
+        expand=gene.expand,
+        bidirectional=gene.bidirectional,
+        n_heads=gene.n_heads,
+        dropout=gene.dropout,
+        embed_dim=model.embed_dim,
+        scan_backend=gene.scan_backend,
+        recompute=gene.recompute,
     )
 
 
-def image_config(settings: dict, *, in_chans: int) -> ImageEncoderConfig:
-    """The ViT's config from the `model` and `imaging` sections (size from the image bank)."""
-    image = settings["model"]["image_encoder"]
+def image_config(model: ModelOptions, imaging: ImagingOptions, *, in_chans: int
+                 ) -> ImageEncoderConfig:
+    """The ViT's config from the `model` and `imaging` sections (channels from the image bank)."""
+    image = model.image_encoder
     return ImageEncoderConfig(
-        model_name=image["model_name"],
-        img_size=image_px(settings),
-        patch_size=image["patch_size"],
+        model_name=image.model_name,
+        img_size=imaging.image_px,
+        patch_size=image.patch_size,
         in_chans=in_chans,
-        width=image["width"],
-        depth=image["depth"],
-        num_heads=image["num_heads"],
-        embed_dim=settings["model"]["embed_dim"],
-        weights=image["weights"],
-        pos_embed=image["pos_embed"],
+        width=image.width,
+        depth=image.depth,
+        num_heads=image.num_heads,
+        embed_dim=model.embed_dim,
+        weights=image.weights,
+        pos_embed=image.pos_embed,
     )
 
 
-def unet_config(settings: dict, *, in_chans: int) -> UNetConfig:
-    """The U-Net baseline's config from `finetune.unet` (size from the image bank)."""
-    unet = settings["finetune"]["unet"]
+def unet_config(unet: UNetOptions, imaging: ImagingOptions, *, in_chans: int) -> UNetConfig:
+    """The U-Net baseline's config from `finetune.unet` (channels from the image bank)."""
     return UNetConfig(
         in_chans=in_chans,
-        img_size=image_px(settings),
-        channels=tuple(unet["channels"]),
-        strides=tuple(unet["strides"]),
-        num_res_units=unet["num_res_units"],
-        norm=unet.get("norm", "batch"),
+        img_size=imaging.image_px,
+        channels=tuple(unet.channels),
+        strides=tuple(unet.strides),
+        num_res_units=unet.num_res_units,
+        norm=unet.norm,
     )
-
-
-def image_px(settings: dict) -> int:
-    """Side of the model's square input: the MR slice size or the slide tile size."""
-    imaging = settings["imaging"]
-    mri = imaging["modality"] == "mri"
-    return imaging["mri"]["image_px"] if mri else imaging["wsi"]["tile_px"]
 
 
 def config_dict(config: object) -> dict:

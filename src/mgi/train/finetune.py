@@ -5,18 +5,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from monai.losses import DiceCELoss
-from tqdm import tqdm
 
+from mgi.checkpoint import load_pretrained as read_pretrained
+from mgi.checkpoint import save_failed, save_finetuned
 from mgi.errors import ConfigError, MgiError, TrainingError
 from mgi.io import write_tsv
 from mgi.models import SegmentationModel, UNetSegmentation, freeze_encoder, load_pretrained
+from mgi.models.metrics import volume_metrics
+from mgi.options import FinetuneSettings
+from mgi.progress import progress
 from mgi.train.build import (
     gene_config,
     image_config,
@@ -26,61 +29,31 @@ from mgi.train.build import (
     warmup_cosine,
 )
 from mgi.train.data import CohortData, load_cohort
-from mgi.train.loop import History, adamw, autocast, save_checkpoint
+from mgi.train.loop import History, adamw, autocast
+from mgi.variants import VariantSpec, variant_spec
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_dice", "lr", "seconds"]
 
 
-@dataclass(frozen=True)
-class VariantSpec:
-    """What a fine-tuning variant trains: its network, where it starts, whether it sees genes."""
-
-    network: str  # "vit": ViT + UNETR decoder (SegmentationModel); "unet": MONAI U-Net
-    pretrained: bool  # starts from the contrastive pre-training's encoders
-    genes: bool  # the gene encoder's embedding is fused into the decoder
-    gene_encoder: str | None = None  # gene encoder kind; None = model.gene_encoder.kind
-
-    def gene_kind(self, settings: dict) -> str:
-        """The gene encoder kind this variant uses (and was pre-trained with)."""
-        return self.gene_encoder or settings["model"]["gene_encoder"]["kind"]
-
-
-VARIANTS = {
-    "mgi": VariantSpec("vit", pretrained=True, genes=True),
-    "mgi_image_only": VariantSpec("vit", pretrained=True, genes=False),
-    "vit_scratch": VariantSpec("vit", pretrained=False, genes=False),
-    # mgi's network and genes without the pre-training: mgi minus this is what pre-training adds
-    "vit_scratch_genes": VariantSpec("vit", pretrained=False, genes=True),
-    "unet_scratch": VariantSpec("unet", pretrained=False, genes=False),
-    # gene-encoder ablations: the mgi network, pre-trained and fine-tuned with that gene encoder
-    **{f"mgi_{kind}": VariantSpec("vit", pretrained=True, genes=True, gene_encoder=kind)
-       for kind in ("mamba", "transformer", "mlp")},
-}
-
-
-def variant_spec(variant: str) -> VariantSpec:
-    """The spec of a variant, or TrainingError naming the known ones."""
-    if variant not in VARIANTS:
-        raise TrainingError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    return VARIANTS[variant]
-
-
-def build_variant(variant: str, settings: dict, *, vocab_size: int, in_chans: int
-                  ) -> SegmentationModel | UNetSegmentation:
+def build_variant(variant: str, settings: FinetuneSettings, *, vocab_size: int, seq_len: int,
+                  in_chans: int) -> SegmentationModel | UNetSegmentation:
     """The segmentation network of a variant (untrained)."""
     spec = variant_spec(variant)
     try:
         if spec.network == "unet":
-            return UNetSegmentation(unet_config(settings, in_chans=in_chans))
-        gene = (gene_config(settings, vocab_size=vocab_size, kind=spec.gene_kind(settings))
+            return UNetSegmentation(unet_config(settings.finetune.unet, settings.imaging,
+                                                in_chans=in_chans))
+        kind = spec.gene_kind(settings.model.gene_encoder.kind)
+        gene = (gene_config(settings.model, settings.expression, vocab_size=vocab_size,
+                            seq_len=seq_len, kind=kind)
                 if spec.genes else None)
         return SegmentationModel(
-            image_config(settings, in_chans=in_chans),
+            image_config(settings.model, settings.imaging, in_chans=in_chans),
             gene,
-            fusion=settings["finetune"]["fusion"] if spec.genes else "none",
-            decoder_channels=settings["finetune"]["decoder_channels"],
+            fusion=settings.finetune.fusion if spec.genes else "none",
+            decoder_channels=settings.finetune.decoder_channels,
         )
     except ValueError as err:  # an impossible combination of model.* and imaging.* keys
         raise ConfigError(f"model / finetune config of variant {variant}: {err}") from err
@@ -93,7 +66,7 @@ def finetune(
     splits_path: Path,
     qc_path: Path,
     pretrained_path: Path | None,
-    settings: dict,
+    settings: FinetuneSettings,
     out_dir: Path,
     threads: int = 1,
 ) -> bool:
@@ -105,9 +78,9 @@ def finetune(
     {"variant", "failed": True, "error"} beside the curves so far (returns False); with `raise`
     it propagates.
     """
-    seed_everything(settings["seed"], threads=threads)
-    opts = settings["finetune"]
-    device = pick_device(opts["device"])
+    seed_everything(settings.seed, threads=threads)
+    opts = settings.finetune
+    device = pick_device(opts.device)
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
     if data.masks is None:
         raise TrainingError(f"{qc_path}: no image bank has tumour masks; nothing to fine-tune on")
@@ -116,25 +89,18 @@ def finetune(
         model, best = _train(variant, data, settings, pretrained_path=pretrained_path,
                              device=device, history=history)
     except Exception as err:
-        if opts["on_failure"] == "raise":
+        if opts.on_failure == "raise":
             raise
         log.exception("fine-tuning %s failed; recorded as failed (finetune.on_failure: record)",
                       variant)
         if not history.rows:
             write_tsv(pd.DataFrame(columns=HISTORY_COLUMNS), history.path)
-        save_checkpoint({"variant": variant, "failed": True, "error": error_line(err)},
-                        out_dir / "model.pt")
+        save_failed(out_dir / "model.pt", variant=variant, error=error_line(err))
         return False
     log.info("best validation patient Dice %.4f at epoch %d", best[0], best[1])
-    save_checkpoint({
-        "variant": variant,
-        "state_dict": model.state_dict(),
-        "settings": settings,
-        "vocab_size": data.sequences.vocab_size,
-        "in_chans": int(data.images.shape[1]),
-        "best_epoch": best[1],
-        "val_dice": best[0],
-    }, out_dir / "model.pt")
+    save_finetuned(out_dir / "model.pt", variant=variant, state_dict=model.state_dict(),
+                   settings=settings, vocab_size=data.sequences.vocab_size,
+                   in_chans=int(data.images.shape[1]), best_epoch=best[1], val_dice=best[0])
     return True
 
 
@@ -145,57 +111,59 @@ def error_line(err: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _load_pretrained(model: SegmentationModel, variant: str, spec: VariantSpec, settings: dict,
-                     pretrained_path: Path | None) -> None:
+def _load_pretrained(model: SegmentationModel, variant: str, spec: VariantSpec,
+                     settings: FinetuneSettings, pretrained_path: Path | None) -> None:
     """Copy the pre-trained encoders into the model, after checking the gene encoder kind."""
     if pretrained_path is None:
         raise TrainingError(f"variant {variant} needs the pre-trained model (--pretrained)")
-    checkpoint = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+    checkpoint = read_pretrained(pretrained_path)
     if spec.genes:
-        kind, trained = spec.gene_kind(settings), checkpoint.get("gene_config", {}).get("kind")
+        kind = spec.gene_kind(settings.model.gene_encoder.kind)
+        trained = checkpoint.gene_config.get("kind")
         if trained is not None and trained != kind:
             raise TrainingError(
                 f"{pretrained_path}: pre-trained with gene encoder {trained!r}, but variant "
                 f"{variant} uses {kind!r}"
             )
-    loaded = load_pretrained(model, checkpoint["state_dict"])
+    loaded = load_pretrained(model, checkpoint.state_dict)
     log.info("loaded %d pre-trained tensors from %s", len(loaded), pretrained_path)
-    freeze = settings["finetune"]["freeze"]
+    freeze = settings.finetune.freeze
     freeze_encoder(model, image=freeze in ("image", "both"),
                    gene=spec.genes and freeze in ("gene", "both"))
 
 
-def _train(variant: str, data: CohortData, settings: dict, *, pretrained_path: Path | None,
-           device: torch.device, history: History
+def _train(variant: str, data: CohortData, settings: FinetuneSettings, *,
+           pretrained_path: Path | None, device: torch.device, history: History
            ) -> tuple[torch.nn.Module, tuple[float, int]]:
     """The trained model (best validation epoch's weights) and (best val Dice, its epoch)."""
-    opts = settings["finetune"]
+    opts = settings.finetune
     spec = variant_spec(variant)
     model = build_variant(variant, settings, vocab_size=data.sequences.vocab_size,
+                          seq_len=data.sequences.token_ids.shape[1],
                           in_chans=data.images.shape[1])
     if spec.pretrained:
         _load_pretrained(model, variant, spec, settings, pretrained_path)
     model.to(device)
     loss_fn = DiceCELoss(sigmoid=True)
-    rng = np.random.default_rng(settings["seed"])
+    rng = np.random.default_rng(settings.seed)
     train_items = data.items("train", labelled=True)
-    steps_per_epoch = int(np.ceil(len(train_items) / opts["batch_size"]))
-    total = steps_per_epoch * opts["epochs"]
+    steps_per_epoch = int(np.ceil(len(train_items) / opts.batch_size))
+    total = steps_per_epoch * opts.epochs
     # the CNN baseline takes its own peak rate (a U-Net trains at a higher one than a ViT)
-    lr = opts["unet"].get("lr", opts["lr"]) if spec.network == "unet" else opts["lr"]
-    optimizer = adamw(model, lr=lr, weight_decay=opts["weight_decay"],
-                      fusion_lr_scale=opts["fusion_lr_scale"])
+    lr = opts.unet.lr if spec.network == "unet" else opts.lr
+    optimizer = adamw(model, lr=lr, weight_decay=opts.weight_decay,
+                      fusion_lr_scale=opts.fusion_lr_scale)
     scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=max(1, total // 10))
     best = (-1.0, 0, copy.deepcopy(model.state_dict()))
     log.info("fine-tuning %s on %d slices, %d steps on %s", variant, len(train_items), total,
              device)
     step = 0
-    for epoch in tqdm(range(1, opts["epochs"] + 1), desc=f"finetune {variant}", unit="epoch"):
+    for epoch in progress(range(1, opts.epochs + 1), desc=f"finetune {variant}", unit="epoch"):
         model.train()
         losses = []
         order = rng.permutation(train_items)
-        for start in range(0, len(order), opts["batch_size"]):
-            batch = np.sort(order[start:start + opts["batch_size"]])
+        for start in range(0, len(order), opts.batch_size):
+            batch = np.sort(order[start:start + opts.batch_size])
             images, masks = augment(data, batch, rng=rng, device=device)
             with autocast(device):
                 logits = model(images, *gene_inputs(data, batch, spec.genes, device))
@@ -262,8 +230,6 @@ def predict(model: torch.nn.Module, data: CohortData, items: np.ndarray, *, with
 def patient_dice(model: torch.nn.Module, data: CohortData, split: str, *, with_genes: bool,
                  device: torch.device, threshold: float = 0.5) -> float:
     """Mean over patients of the 3D Dice of all their slices (validation score)."""
-    from mgi.evaluate.metrics import volume_metrics
-
     items = data.items(split, labelled=True)
     probs = predict(model, data, items, with_genes=with_genes, device=device)
     scores = []

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mgi.io import atomic_path, write_tsv
+from mgi.io import write_tsv
+from mgi.options import PretrainOptions
 
 # Parameter names of the gene fusion layers of mgi.models.SegmentationModel.
 FUSION_PREFIXES = ("films.", "cross_norm.", "cross_attention.")
@@ -55,7 +56,7 @@ def resolve_precision(precision: str, *, accelerator: str) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
-def make_fabric(opts: dict, *, log_dir: Path | None = None):
+def make_fabric(opts: PretrainOptions, *, log_dir: Path | None = None):
     """A Lightning Fabric for one training stage's options (device, devices, num_nodes, precision).
 
     More than one process in all (devices x num_nodes) means DDP: NCCL on GPUs, gloo on CPUs.
@@ -67,16 +68,16 @@ def make_fabric(opts: dict, *, log_dir: Path | None = None):
 
     from mgi.train.build import pick_device
 
-    accelerator = opts["device"]
+    accelerator = opts.device
     pick_device(accelerator)  # 'cuda' without a GPU stops here, with its message
-    processes = opts["devices"] * opts["num_nodes"]
+    processes = opts.devices * opts.num_nodes
     loggers = [TensorBoardLogger(root_dir=log_dir, name="", version="")] if log_dir else []
     return Fabric(
         accelerator=accelerator,
-        devices=opts["devices"],
-        num_nodes=opts["num_nodes"],
+        devices=opts.devices,
+        num_nodes=opts.num_nodes,
         strategy="ddp" if processes > 1 else "auto",
-        precision=resolve_precision(opts["precision"], accelerator=accelerator),
+        precision=resolve_precision(opts.precision, accelerator=accelerator),
         loggers=loggers,
     )
 
@@ -100,9 +101,3 @@ class History:
         self.rows.append(values)
         if self.write:
             write_tsv(pd.DataFrame(self.rows), self.path)
-
-
-def save_checkpoint(payload: dict, path: Path) -> None:
-    """torch.save, atomically."""
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)

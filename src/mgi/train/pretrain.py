@@ -11,16 +11,21 @@ import copy
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mgi.checkpoint import resume_state, run_fingerprint, save_pretrained, save_state
 from mgi.errors import ConfigError, TrainingError
 from mgi.io import atomic_path
 from mgi.models import ClipLoss, ClipModel, retrieval_metrics
+from mgi.options import PretrainSettings
+from mgi.progress import progress
 from mgi.train.build import (
     config_dict,
     describe_device,
@@ -29,9 +34,8 @@ from mgi.train.build import (
     seed_everything,
     warmup_cosine,
 )
-from mgi.train.checkpoint import resume_state, run_fingerprint, save_state
 from mgi.train.data import CohortData, load_cohort
-from mgi.train.loop import History, adamw, make_fabric, save_checkpoint
+from mgi.train.loop import History, adamw, make_fabric
 from mgi.train.pairs import PatientPairs, augmentation, epoch_batches, local_part
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ def pretrain(
     sequences_path: Path,
     splits_path: Path,
     qc_path: Path,
-    settings: dict,
+    settings: PretrainSettings,
     out_dir: Path,
     threads: int = 1,
 ) -> dict | None:
@@ -57,42 +61,98 @@ def pretrain(
     retrieval scores, the others return None. A run killed part-way resumes from
     `out_dir/checkpoints/last.ckpt` when called again with the same settings and inputs.
     """
-    opts = settings["pretrain"]
-    check_keep_by(opts["keep_by"])  # a wrong rule stops before training, not after an epoch
+    run = setup(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path,
+                settings=settings, out_dir=out_dir, threads=threads)
+    opts, fabric = settings.pretrain, run.fabric
+    bar = progress(total=run.total, initial=run.state["step"], desc="pretrain", unit="step",
+                   disable=not fabric.is_global_zero)
+    for epoch in range(run.state["epoch"], opts.epochs + 1):
+        train_one_epoch(run, epoch, bar=bar)
+        row = validate_epoch(run, epoch)
+        keep_if_best(run, row)
+        if epoch == opts.epochs or (opts.checkpoint_every
+                                    and run.steps_per_epoch >= opts.checkpoint_every):
+            run.checkpoint(epoch + 1, 0)
+    bar.close()
+    fabric.barrier()
+    if not fabric.is_global_zero:
+        return None
+    return _finish(run.raw, run.data, run.state, run.gene_cfg, run.image_cfg,
+                   device=fabric.device, out_dir=out_dir, processes=fabric.world_size,
+                   keep_by=opts.keep_by)
+
+
+@dataclass
+class PretrainRun:
+    """What one pre-training run holds between its steps (see `setup`)."""
+
+    settings: PretrainSettings
+    fabric: Any
+    data: CohortData
+    raw: ClipModel  # the model itself; `model` is Fabric's wrapper of it
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loss_fn: ClipLoss
+    eval_loss_fn: ClipLoss
+    pairs: PatientPairs
+    val_draws: tuple[torch.Tensor, ...]
+    batch_size: int
+    steps_per_epoch: int
+    total: int
+    gene_cfg: Any
+    image_cfg: Any
+    state: dict
+    history: History
+    last_path: Path
+
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Save the resumable state: training goes on at (epoch, batch)."""
+        self.state.update(epoch=epoch, batch=batch, history=self.history.rows,
+                          torch_rng=torch.get_rng_state())
+        save_state(self.fabric, self.last_path, self.state)
+
+
+def setup(*, sequences_path: Path, splits_path: Path, qc_path: Path,
+          settings: PretrainSettings, out_dir: Path, threads: int) -> PretrainRun:
+    """Devices, data, model, optimiser and schedule of a run, resumed from its last checkpoint
+    when that belongs to the very same run."""
+    opts, seed = settings.pretrain, settings.seed
+    check_keep_by(opts.keep_by)  # a wrong rule stops before training, not after an epoch
     fabric = make_fabric(opts, log_dir=out_dir / "tensorboard")
     fabric.launch()
-    world, rank = fabric.world_size, fabric.global_rank
-    seed_everything(settings["seed"], threads=max(1, threads // opts["devices"]))
+    world = fabric.world_size
+    seed_everything(seed, threads=max(1, threads // opts.devices))
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
-    gene_cfg = gene_config(settings, vocab_size=data.sequences.vocab_size)
-    image_cfg = image_config(settings, in_chans=data.images.shape[1])
+    gene_cfg = gene_config(settings.model, settings.expression,
+                           vocab_size=data.sequences.vocab_size,
+                           seq_len=data.sequences.token_ids.shape[1])
+    image_cfg = image_config(settings.model, settings.imaging, in_chans=data.images.shape[1])
     try:
-        raw = ClipModel(gene_cfg, image_cfg, init_temperature=opts["init_temperature"])
+        raw = ClipModel(gene_cfg, image_cfg, init_temperature=opts.init_temperature)
     except ValueError as err:  # an impossible combination of model.* and imaging.* keys
         raise ConfigError(f"model config: {err}") from err
 
-    modality = settings["imaging"]["modality"]
-    pairs = PatientPairs(data, data.items("train"), seed=settings["seed"],
-                         augment=augmentation(modality=modality, intensity=opts["augment"],
-                                              shift=opts["augment_shift"],
+    pairs = PatientPairs(data, data.items("train"), seed=seed,
+                         augment=augmentation(modality=settings.imaging.modality,
+                                              intensity=opts.augment, shift=opts.augment_shift,
                                               size=data.images.shape[-1]),
-                         gene_dropout=opts["gene_dropout"])
-    val_draws = validation_draws(PatientPairs(data, data.items("val"), seed=settings["seed"]))
-    batch_size = min(opts["batch_size"], len(pairs))
+                         gene_dropout=opts.gene_dropout)
+    val_draws = validation_draws(PatientPairs(data, data.items("val"), seed=seed))
+    batch_size = min(opts.batch_size, len(pairs))
     if batch_size % world:
         raise ConfigError(
             f"pretrain.batch_size ({batch_size}, or the number of training patients when fewer) "
             f"must be a multiple of the number of processes ({world})"
         )
     batches_per_epoch = len(epoch_batches(len(pairs), batch_size=batch_size, world_size=world,
-                                          seed=settings["seed"], epoch=1))
-    steps_per_epoch = math.ceil(batches_per_epoch / opts["accumulate"])
-    total = steps_per_epoch * opts["epochs"]
-    optimizer = adamw(raw, lr=opts["lr"], weight_decay=opts["weight_decay"])
+                                          seed=seed, epoch=1))
+    steps_per_epoch = math.ceil(batches_per_epoch / opts.accumulate)
+    total = steps_per_epoch * opts.epochs
+    optimizer = adamw(raw, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = warmup_cosine(
-        optimizer, total_steps=total, warmup_steps=round(total * opts["warmup_fraction"]))
+        optimizer, total_steps=total, warmup_steps=round(total * opts.warmup_fraction))
     model, optimizer = fabric.setup(raw, optimizer)
-    loss_fn, eval_loss_fn = ClipLoss(), ClipLoss(gather=False)
 
     fingerprint = run_fingerprint(settings, stage="pretrain",
                                   inputs=[sequences_path, splits_path, qc_path])
@@ -107,82 +167,88 @@ def pretrain(
         log.info("resuming from %s: epoch %d, batch %d, step %d", last_path, state["epoch"],
                  state["batch"], state["step"])
     history = History(out_dir / "history.tsv", state["history"], write=fabric.is_global_zero)
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        state.update(epoch=epoch, batch=batch, history=history.rows,
-                     torch_rng=torch.get_rng_state())
-        save_state(fabric, last_path, state)
-
     log.info("pre-training on %d patients (%d images), %d steps of %d pairs on %d process(es), "
              "precision %s", len(pairs), len(data.items("train")), total, batch_size, world,
              fabric.strategy.precision.precision)
-    progress = tqdm(total=total, initial=state["step"], desc="pretrain", unit="step",
-                    disable=not fabric.is_global_zero)
-    for epoch in range(state["epoch"], opts["epochs"] + 1):
-        batches = epoch_batches(len(pairs), batch_size=batch_size, world_size=world,
-                                seed=settings["seed"], epoch=epoch)
-        first = state["batch"] if epoch == state["epoch"] else 0
-        if first == 0:
-            state["epoch_losses"] = []
-        keys = [[(epoch, int(p)) for p in local_part(b, rank=rank, world_size=world)]
-                for b in batches[first:]]
-        loader = DataLoader(pairs, batch_sampler=keys, num_workers=opts["num_workers"],
-                            persistent_workers=False)
-        model.train()
-        for index, batch in enumerate(loader, start=first):
-            group_start = index - index % opts["accumulate"]
-            group_size = min(opts["accumulate"], len(batches) - group_start)
-            stepping = index + 1 == group_start + group_size
-            images, tokens, values = fabric.to_device(batch)
-            with fabric.no_backward_sync(model, enabled=not stepping):
-                loss = loss_fn(*model(images, tokens, values))
-                global_loss = _global_mean(fabric, loss)
-                _check_finite(fabric, global_loss, "loss", epoch=epoch, step=state["step"],
-                              lr=scheduler.get_last_lr()[0], checkpoint=last_path)
-                fabric.backward(loss / group_size)
-            state["epoch_losses"].append(global_loss)
-            state["negatives"] = loss_fn.n_candidates
-            if not stepping:
-                continue
-            norm = fabric.clip_gradients(model, optimizer, max_norm=1.0)
-            if fabric.strategy.precision.precision != "16-mixed":  # fp16's scaler skips inf steps
-                _check_finite(fabric, norm, "gradient norm", epoch=epoch, step=state["step"],
-                              lr=scheduler.get_last_lr()[0], checkpoint=last_path)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
-            progress.update()
-            fabric.log_dict({"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/negatives": loss_fn.n_candidates}, step=state["step"])
-            if opts["checkpoint_every"] and state["step"] % opts["checkpoint_every"] == 0:
-                checkpoint(epoch, index + 1)
-        val_loss, val = validate(raw, eval_loss_fn, val_draws, device=fabric.device)
-        g2i, i2g = val["gene_to_image"], val["image_to_gene"]
-        row = {"epoch": epoch, "step": state["step"],
-               "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
-               "val_recall_at_1": g2i["recall@1"], "val_recall_at_5": g2i["recall@5"],
-               "val_mean_rank": g2i["mean_rank"],
-               "val_image_to_gene_recall_at_1": i2g["recall@1"],
-               "val_image_to_gene_mean_rank": i2g["mean_rank"],
-               "temperature": float(1.0 / raw.logit_scale.exp().item()),
-               "lr": scheduler.get_last_lr()[0], "negatives": state["negatives"]}
-        history.add(**row)
-        fabric.log_dict({f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
+    return PretrainRun(settings=settings, fabric=fabric, data=data, raw=raw, model=model,
+                       optimizer=optimizer, scheduler=scheduler, loss_fn=ClipLoss(),
+                       eval_loss_fn=ClipLoss(gather=False), pairs=pairs, val_draws=val_draws,
+                       batch_size=batch_size, steps_per_epoch=steps_per_epoch, total=total,
+                       gene_cfg=gene_cfg, image_cfg=image_cfg, state=state, history=history,
+                       last_path=last_path)
+
+
+def train_one_epoch(run: PretrainRun, epoch: int, *, bar: tqdm) -> None:
+    """One pass over the training patients (from the resumed batch), with gradient
+    accumulation, clipping, NaN/inf stops and checkpoints every `checkpoint_every` steps."""
+    opts, fabric, state = run.settings.pretrain, run.fabric, run.state
+    model, optimizer, scheduler, loss_fn = run.model, run.optimizer, run.scheduler, run.loss_fn
+    world, rank = fabric.world_size, fabric.global_rank
+    batches = epoch_batches(len(run.pairs), batch_size=run.batch_size, world_size=world,
+                            seed=run.settings.seed, epoch=epoch)
+    first = state["batch"] if epoch == state["epoch"] else 0
+    if first == 0:
+        state["epoch_losses"] = []
+    keys = [[(epoch, int(p)) for p in local_part(b, rank=rank, world_size=world)]
+            for b in batches[first:]]
+    loader = DataLoader(run.pairs, batch_sampler=keys, num_workers=opts.num_workers,
+                        persistent_workers=False)
+    model.train()
+    for index, batch in enumerate(loader, start=first):
+        group_start = index - index % opts.accumulate
+        group_size = min(opts.accumulate, len(batches) - group_start)
+        stepping = index + 1 == group_start + group_size
+        images, tokens, values = fabric.to_device(batch)
+        with fabric.no_backward_sync(model, enabled=not stepping):
+            loss = loss_fn(*model(images, tokens, values))
+            global_loss = _global_mean(fabric, loss)
+            _check_finite(fabric, global_loss, "loss", epoch=epoch, step=state["step"],
+                          lr=scheduler.get_last_lr()[0], checkpoint=run.last_path)
+            fabric.backward(loss / group_size)
+        state["epoch_losses"].append(global_loss)
+        state["negatives"] = loss_fn.n_candidates
+        if not stepping:
+            continue
+        norm = fabric.clip_gradients(model, optimizer, max_norm=1.0)
+        if fabric.strategy.precision.precision != "16-mixed":  # fp16's scaler skips inf steps
+            _check_finite(fabric, norm, "gradient norm", epoch=epoch, step=state["step"],
+                          lr=scheduler.get_last_lr()[0], checkpoint=run.last_path)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        bar.update()
+        fabric.log_dict({"train/loss": global_loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/negatives": loss_fn.n_candidates}, step=state["step"])
+        if opts.checkpoint_every and state["step"] % opts.checkpoint_every == 0:
+            run.checkpoint(epoch, index + 1)
+
+
+def validate_epoch(run: PretrainRun, epoch: int) -> dict:
+    """Score the validation draws after an epoch; add the epoch's row to history.tsv."""
+    state = run.state
+    val_loss, val = validate(run.raw, run.eval_loss_fn, run.val_draws, device=run.fabric.device)
+    g2i, i2g = val["gene_to_image"], val["image_to_gene"]
+    row = {"epoch": epoch, "step": state["step"],
+           "train_loss": float(np.mean(state["epoch_losses"])), "val_loss": val_loss,
+           "val_recall_at_1": g2i["recall@1"], "val_recall_at_5": g2i["recall@5"],
+           "val_mean_rank": g2i["mean_rank"],
+           "val_image_to_gene_recall_at_1": i2g["recall@1"],
+           "val_image_to_gene_mean_rank": i2g["mean_rank"],
+           "temperature": float(1.0 / run.raw.logit_scale.exp().item()),
+           "lr": run.scheduler.get_last_lr()[0], "negatives": state["negatives"]}
+    run.history.add(**row)
+    run.fabric.log_dict({f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
                         step=state["step"])
-        score = selection_score(row, keep_by=opts["keep_by"])
-        if score < state["best"]["score"]:
-            state["best"] = {"score": score, "epoch": epoch,
-                             "state_dict": copy.deepcopy(raw.state_dict())}
-        if epoch == opts["epochs"] or (opts["checkpoint_every"] and steps_per_epoch
-                                       >= opts["checkpoint_every"]):
-            checkpoint(epoch + 1, 0)
-    progress.close()
-    fabric.barrier()
-    if not fabric.is_global_zero:
-        return None
-    return _finish(raw, data, state, gene_cfg, image_cfg, device=fabric.device, out_dir=out_dir,
-                   processes=world, keep_by=opts["keep_by"])
+    return row
+
+
+def keep_if_best(run: PretrainRun, row: dict) -> None:
+    """Keep a copy of the weights when the epoch's row ranks best by `pretrain.keep_by`."""
+    score = selection_score(row, keep_by=run.settings.pretrain.keep_by)
+    if score < run.state["best"]["score"]:
+        run.state["best"] = {"score": score, "epoch": row["epoch"],
+                             "state_dict": copy.deepcopy(run.raw.state_dict())}
 
 
 def _global_mean(fabric, loss: torch.Tensor) -> float:
@@ -218,12 +284,9 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
     retrieval["device"] = describe_device(device, processes=processes)
     with atomic_path(out_dir / "retrieval.json") as tmp:
         tmp.write_text(json.dumps(retrieval, indent=2))
-    save_checkpoint({
-        "state_dict": raw.state_dict(),
-        "gene_config": config_dict(gene_cfg),
-        "image_config": config_dict(image_cfg),
-        "best_epoch": state["best"]["epoch"],
-    }, out_dir / "model.pt")
+    save_pretrained(out_dir / "model.pt", state_dict=raw.state_dict(),
+                    gene_config=config_dict(gene_cfg), image_config=config_dict(image_cfg),
+                    best_epoch=state["best"]["epoch"])
     test = retrieval["test"]["gene_to_image"]
     log.info("test retrieval gene->image recall@1 %.3f (chance %.3f, permutation p %.4f)",
              test["recall@1"], test["chance@1"], test["p_recall@1"])

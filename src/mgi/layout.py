@@ -1,0 +1,54 @@
+"""Where a cohort's files live, and the columns of the tables that stages hand each other.
+
+The one owner of the results layout (paths under results/{cohort}/) and of the image table's
+columns. The workflow's rules and dvc.yaml spell the same paths; tests/test_registry.py checks
+that every path they name is one of RESULTS (and workflow/registry.json carries both to the
+workflow, which cannot import this package).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# name -> path under results/{cohort}/ ({image_id}, {variant}, {kind}: wildcards)
+RESULTS = {
+    "expression": "expression/expression.h5ad",
+    "sequences": "expression/sequences.npz",
+    "vocab": "expression/vocab.tsv",
+    "bank": "images/{image_id}.h5",
+    "qc_row": "images/qc/{image_id}.tsv",
+    "thumbnail": "images/qc/{image_id}.png",
+    "qc": "images/qc.tsv",
+    "images": "images",
+    "stain_reference": "images/stain_reference.json",
+    "splits": "splits.tsv",
+    "pretrain_model": "pretrain/model.pt",
+    "pretrain_history": "pretrain/history.tsv",
+    "retrieval": "pretrain/retrieval.json",
+    "ablations": "pretrain/ablation",
+    "ablation_model": "pretrain/ablation/{kind}/model.pt",
+    "ablation_history": "pretrain/ablation/{kind}/history.tsv",
+    "ablation_retrieval": "pretrain/ablation/{kind}/retrieval.json",
+    "finetunes": "finetune",
+    "finetune_model": "finetune/{variant}/model.pt",
+    "finetune_history": "finetune/{variant}/history.tsv",
+    "test_patients": "finetune/{variant}/test_patients.tsv",
+    "test_slices": "finetune/{variant}/test_slices.tsv",
+    "test_predictions": "finetune/{variant}/test_predictions.h5",
+    "predicted_masks": "finetune/{variant}/predictions",
+    "status": "finetune/{variant}/status.json",
+    "attribution": "report/gene_attribution.tsv",
+    "attribution_summary": "report/gene_attribution.json",
+    "metrics": "report/metrics.json",
+    "report": "report/report.html",
+    "figures": "report/figures",
+}
+
+# images.tsv (data/{cohort}/raw/): one row per image of the cohort, written by the acquire
+# stage (synthetic, TCIA/IDC, GDC slides) and read by the imaging stage and the workflow.
+IMAGE_TABLE_COLUMNS = ["image_id", "case_id", "modality", "path", "mask_path"]
+
+
+def results_path(root: Path, name: str, **wildcards: str) -> Path:
+    """The path of artifact `name` (a key of RESULTS) under a cohort's results folder."""
+    return Path(root) / RESULTS[name].format(**wildcards)
