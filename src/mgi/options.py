@@ -249,6 +249,7 @@ class PretrainOptions:
     warmup_fraction: float = default_of("pretrain.warmup_fraction")
     init_temperature: float = default_of("pretrain.init_temperature")
     keep_by: str = default_of("pretrain.keep_by")
+    patience: int | None = default_of("pretrain.patience")
     accumulate: int = default_of("pretrain.accumulate")
     augment: float = default_of("pretrain.augment")
     augment_shift: float = default_of("pretrain.augment_shift")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor, set_track_meta
 
 from mgi.errors import TrainingError
 from mgi.train.data import load_cohort
-from mgi.train.pairs import PatientPairs, augmentation, epoch_batches, local_part
+from mgi.train.pairs import PatientPairs, augmentation, epoch_batches, local_part, reseed
 
 
 def test_an_epoch_holds_every_patient_once_in_batches_of_unique_patients():
@@ -107,3 +108,28 @@ def test_gene_dropout_keeps_the_order_of_the_kept_genes_and_pads_at_the_end():
     assert same_t.tolist() == tokens.tolist() and same_v.tolist() == values.tolist()
     one_t, _ = drop_genes(tokens, values, rate=0.99999, rng=np.random.default_rng(0))
     assert (one_t != 0).sum() == 1
+
+
+@pytest.mark.parametrize(("modality", "intensity", "shift"),
+                         [("mri", 0.1, 0.0), ("mri", 0.1, 0.1), ("wsi", 0.05, 0.0)])
+def test_reseeding_gives_the_images_of_monais_own_seeding(modality, intensity, shift):
+    """PatientPairs reseeds the transforms and drops MONAI's metadata: the same pixels, to the
+    bit, as a fresh `set_random_state(seed=...)` per item with metadata tracked."""
+    channels = 3
+    images = torch.rand(6, channels, 32, 32)
+    ours = augmentation(modality=modality, intensity=intensity, shift=shift, size=32)
+    theirs = augmentation(modality=modality, intensity=intensity, shift=shift, size=32)
+    ours.set_random_state(seed=0)
+    for seed in (0, 7, 2**31 + 5, 123456789):
+        for image in images:
+            theirs.set_random_state(seed=seed)
+            expected = theirs(image)
+            expected = expected.as_tensor() if isinstance(expected, MetaTensor) else expected
+            reseed(ours, seed)
+            set_track_meta(False)
+            try:
+                got = ours(image)
+            finally:
+                set_track_meta(True)
+            assert type(got) is torch.Tensor
+            assert torch.equal(got, expected)

@@ -79,6 +79,30 @@ def test_the_kept_epoch_is_the_one_its_rule_picks_from_the_history(tiny_cohort, 
     assert json.loads((out / "retrieval.json").read_text())["kept_by"] == keep_by
 
 
+def test_patience_stops_where_the_full_run_went_no_better_and_keeps_its_best_so_far(
+        tiny_cohort, tmp_path):
+    full = tmp_path / "full"
+    run_in_process(tiny_cohort, full, epochs=6, keep_by="val_loss", checkpoint_every=0)
+    rows = pd.read_csv(full / "history.tsv", sep="\t")
+    # where patience 1 must stop: the first epoch no better than the best before it
+    best, stop = 1, len(rows)
+    for epoch in rows["epoch"][1:]:
+        if rows["val_loss"][epoch - 1] < rows["val_loss"][best - 1]:
+            best = epoch
+        else:
+            stop = epoch
+            break
+    assert stop < len(rows), "the tiny run improved every epoch: no stop to check"
+    short = tmp_path / "short"
+    retrieval = run_in_process(tiny_cohort, short, epochs=6, keep_by="val_loss",
+                               checkpoint_every=0, patience=1)
+    kept = pd.read_csv(short / "history.tsv", sep="\t")
+    # the same epochs as the full run (same schedule), up to the stop
+    columns = [c for c in rows.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(kept[columns], rows[columns].iloc[:stop])
+    assert retrieval["best_epoch"] == best
+
+
 def test_selection_scores_order_epochs_and_name_a_wrong_rule():
     early = {"epoch": 3, "val_loss": 2.9, "val_mean_rank": 9.0, "val_image_to_gene_mean_rank": 8.0}
     late = {"epoch": 9, "val_loss": 4.1, "val_mean_rank": 5.0, "val_image_to_gene_mean_rank": 6.0}

@@ -67,12 +67,20 @@ def pretrain(
     bar = progress(total=run.total, initial=run.state["step"], desc="pretrain", unit="step",
                    disable=not fabric.is_global_zero)
     for epoch in range(run.state["epoch"], opts.epochs + 1):
+        if out_of_patience(run, epoch - 1):  # a resumed run that had stopped early
+            break
         train_one_epoch(run, epoch, bar=bar)
         row = validate_epoch(run, epoch)
         keep_if_best(run, row)
-        if epoch == opts.epochs or (opts.checkpoint_every
-                                    and run.steps_per_epoch >= opts.checkpoint_every):
+        stop = out_of_patience(run, epoch)
+        if stop or epoch == opts.epochs or (opts.checkpoint_every
+                                            and run.steps_per_epoch >= opts.checkpoint_every):
             run.checkpoint(epoch + 1, 0)
+        if stop:
+            log.info("no better epoch by %s in the %d since epoch %d: stopping after epoch %d "
+                     "(pretrain.patience)", opts.keep_by, opts.patience,
+                     run.state["best"]["epoch"], epoch)
+            break
     bar.close()
     fabric.barrier()
     if not fabric.is_global_zero:
@@ -241,6 +249,14 @@ def validate_epoch(run: PretrainRun, epoch: int) -> dict:
     run.fabric.log_dict({f"epoch/{k}": v for k, v in row.items() if k != "epoch"},
                         step=state["step"])
     return row
+
+
+def out_of_patience(run: PretrainRun, epoch: int) -> bool:
+    """Whether `pretrain.patience` epochs have passed since the best so far, after `epoch`."""
+    opts = run.settings.pretrain
+    if opts.patience is None or opts.keep_by == "last" or epoch < 1:
+        return False
+    return epoch - run.state["best"]["epoch"] >= opts.patience
 
 
 def keep_if_best(run: PretrainRun, row: dict) -> None:
