@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mgi.train.data import to_model_input
 
@@ -62,3 +63,22 @@ def test_banks_held_in_memory_serve_what_the_files_hold(tiny_cohort):
     np.testing.assert_array_equal(in_memory.masks[items], on_demand.masks[items])
     np.testing.assert_array_equal(in_memory.images[3], on_demand.images[3])
     assert in_memory.masks[items].sum() > 0
+
+
+def test_one_item_from_memory_is_a_copy_of_what_the_files_hold(tiny_cohort):
+    from mgi.train.data import load_cohort
+
+    paths = {"sequences_path": tiny_cohort.sequences, "splits_path": tiny_cohort.splits,
+             "qc_path": tiny_cohort.qc}
+    on_demand = load_cohort(**paths, in_memory_bytes=0)
+    in_memory = load_cohort(**paths)
+    for array, files in ((in_memory.images, on_demand.images), (in_memory.masks, on_demand.masks)):
+        for item in (0, np.int64(len(array) - 1), *range(1, len(array), 5)):
+            got, expected = array[item], files[item]
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+        got = array[2]
+        got += 1  # the caller may change it: the held items stay as they were
+        np.testing.assert_array_equal(array[2], files[2])
+        with pytest.raises(IndexError):
+            array[len(array)]

@@ -89,6 +89,12 @@ class BankArray:
         return to_model_input(self._file(header)["images"][rows])
 
     def __getitem__(self, index) -> np.ndarray:
+        if self._in_memory is not None and isinstance(index, (int, np.integer)):
+            # one item from memory, as pre-training asks for it at every step: a copy, as below
+            if not 0 <= index < len(self):
+                raise IndexError(f"item index out of range [0, {len(self)})")
+            bank = int(np.searchsorted(self.offsets, index, side="right")) - 1
+            return self._in_memory[bank][index - self.offsets[bank]].copy()
         single = np.ndim(index) == 0
         items = np.atleast_1d(np.asarray(index, dtype=np.int64))
         if items.size and (items.min() < 0 or items.max() >= len(self)):
