@@ -152,7 +152,9 @@ def pretraining_of(variant):
 def variant_files(name):
     """finetune/{variant}/{name} of every configured variant, in the config's order."""
     return expand(
-        results("finetune/{variant}/" + name), variant=config["finetune"]["variants"]
+        results("finetune/{variant}/{name}"),
+        variant=config["finetune"]["variants"],
+        name=name,
     )
 
 
