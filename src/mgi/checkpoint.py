@@ -161,8 +161,10 @@ def load_finetuned(path: Path) -> Finetuned:
     checkpoint = _load(path, what="fine-tuned", keys=("variant",))
     if checkpoint.get("failed"):
         return Finetuned(checkpoint["variant"], True, str(checkpoint.get("error", "")))
-    checkpoint = _load(path, what="fine-tuned", keys=("state_dict", "settings", "vocab_size",
-                                                      "in_chans", "best_epoch", "val_dice"))
+    missing = [key for key in ("state_dict", "settings", "vocab_size", "in_chans", "best_epoch",
+                               "val_dice") if key not in checkpoint]
+    if missing:
+        raise MgiError(f"{path}: not a fine-tuned checkpoint (no {missing})")
     return Finetuned(checkpoint["variant"], False, "", checkpoint["state_dict"],
                      build(FinetuneSettings, checkpoint["settings"]),
                      int(checkpoint["vocab_size"]), int(checkpoint["in_chans"]),

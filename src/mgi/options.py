@@ -189,15 +189,6 @@ class ExpressionOptions:
     n_bins: int = default_of("expression.n_bins")  # bin 0 = not expressed
     seq_len: int = default_of("expression.seq_len")  # tokens per sequence, <cls> included
 
-    @classmethod
-    def from_mapping(cls, mapping: typing.Mapping[str, Any]) -> ExpressionOptions:
-        """The section from a (possibly partial) mapping, checked against the schema."""
-        return build(cls, mapping, where="expression")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The section as plain JSON-able values."""
-        return as_dict(self)
-
 
 # --- model and training ---------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
 from mgi.expression import order as order_module
-from mgi.expression.order import ExpressionOptions, GeneOrder, normalised, read_gene_list
+from mgi.expression.order import GeneOrder, normalised, read_gene_list
+from mgi.options import ExpressionOptions, as_dict, build
 
 
 def make_adata(counts: np.ndarray, *, types: list[str] | None = None) -> ad.AnnData:
@@ -44,16 +45,16 @@ def make_adata(counts: np.ndarray, *, types: list[str] | None = None) -> ad.AnnD
 def test_config_rejects_bad_values_naming_the_key(kwargs, message):
     # the schema's bounds and enums (the only place they are written) are checked on building
     with pytest.raises(ConfigError, match=message):
-        ExpressionOptions.from_mapping(kwargs)
+        build(ExpressionOptions, kwargs, where="expression")
 
 
 def test_config_from_mapping_accepts_lists_and_rejects_unknown_keys():
-    cfg = ExpressionOptions.from_mapping({"gene_types": ["protein_coding", "lncRNA"],
-                                          "seq_len": 64})
+    cfg = build(ExpressionOptions, {"gene_types": ["protein_coding", "lncRNA"], "seq_len": 64},
+                where="expression")
     assert cfg.gene_types == ("protein_coding", "lncRNA") and cfg.seq_len == 64
-    assert cfg.as_dict()["gene_types"] == ["protein_coding", "lncRNA"]
+    assert as_dict(cfg)["gene_types"] == ["protein_coding", "lncRNA"]
     with pytest.raises(ConfigError, match=r"expression.seqlen: unknown key; did you mean"):
-        ExpressionOptions.from_mapping({"seqlen": 64})
+        build(ExpressionOptions, {"seqlen": 64}, where="expression")
 
 
 def test_cpm_normalisation_is_scanpy_normalize_total_then_log1p(monkeypatch, counts_matrix):

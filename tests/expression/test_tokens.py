@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mgi.errors import ExpressionFileError
-from mgi.expression.order import ExpressionOptions, normalised
+from mgi.expression.order import normalised
 from mgi.expression.tokens import (
     CLS,
     PAD,
@@ -19,6 +19,7 @@ from mgi.expression.tokens import (
     read_sequences,
     write_sequences,
 )
+from mgi.options import ExpressionOptions
 
 N_CASES, N_GENES = 24, 80
 

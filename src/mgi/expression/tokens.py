@@ -21,7 +21,7 @@ import pandas as pd
 from mgi.errors import ExpressionFileError, MgiError
 from mgi.expression.order import GeneOrder
 from mgi.io import atomic_path, read_tsv, write_tsv
-from mgi.options import ExpressionOptions
+from mgi.options import ExpressionOptions, as_dict
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def build_sequences(
     vocab = build_vocab(genes)
     medians = order.medians_
     attrs = {
-        "config": config.as_dict(),
+        "config": as_dict(config),
         "gene_model": str(adata.uns.get("gene_model", "")),
         "n_cases": {s: int((case_split == s).sum()) for s in SPLITS},
         "n_genes": int(order.genes_.size),
