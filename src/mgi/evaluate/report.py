@@ -92,8 +92,9 @@ class ReportInputs:
         image_ids = read_tsv(qc)["image_id"] if qc.exists() else []
         return cls(
             retrieval=results_path(root, "retrieval"),
-            pretrain_history=results_path(root, "pretrain_history"), splits=results_path(
-                root, "splits"), qc=qc,
+            pretrain_history=results_path(root, "pretrain_history"),
+            splits=results_path(root, "splits"),
+            qc=qc,
             banks={i: results_path(root, "bank", image_id=i) for i in image_ids},
             variants={v: VariantFiles(*(results_path(root, name, variant=v) for name in (
                 "test_patients", "test_slices", "test_predictions", "status",
@@ -315,12 +316,12 @@ def _read_predictions(path: Path) -> tuple | None:
         return None
 
 
-def _overlays(inputs: ReportInputs, variants: list[str], ranked_by: pd.DataFrame) -> list[dict]:
+def _overlays(inputs: ReportInputs, qc: pd.DataFrame, variants: list[str],
+              ranked_by: pd.DataFrame) -> list[dict]:
     """Best, median and worst test patients of one variant: their largest-tumour slice, with
-    the prediction of every (scored) variant."""
+    the prediction of every (scored) variant (`qc`: the image QC table)."""
     if ranked_by.empty:
         return []
-    qc = read_tsv(inputs.qc)
     ranked = ranked_by.sort_values("dice", kind="stable").reset_index(drop=True)
     picks = {"best": len(ranked) - 1, "median": len(ranked) // 2, "worst": 0}
     predictions = {}
@@ -477,7 +478,7 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
     html = environment.get_template("report.html").render(
         cohort=cohort, metrics=metrics, retrieval=retrieval, variants=variants, status=status,
         figures={name: _b64(png) for name, png in pngs.items()}, findings=findings,
-        overlays=(_overlays(inputs, scored, patients[overlay_variant])
+        overlays=(_overlays(inputs, qc, scored, patients[overlay_variant])
                   if overlay_variant else []),
         overlay_variant=overlay_variant, empty_masks_text=EMPTY_MASKS,
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
