@@ -33,6 +33,8 @@ def option_keys(cls: type, prefix: str = "") -> dict[str, object]:
         path = f"{prefix}{field.name}"
         if dataclasses.is_dataclass(hints[field.name]):
             keys.update(option_keys(hints[field.name], f"{path}."))
+        elif field.default is dataclasses.MISSING:  # a mapping of rules: its plain values
+            keys[path] = options.as_dict(field.default_factory())
         else:
             keys[path] = field.default
     return keys

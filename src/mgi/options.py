@@ -89,6 +89,9 @@ class TciaOptions:
     api_url: str = default_of("sources.tcia.api_url")
     collection: str = default_of("sources.tcia.collection")
     masks_url: str | None = default_of("sources.tcia.masks_url")
+    folder: str | None = default_of("sources.tcia.folder")
+    layout: str = default_of("sources.tcia.layout")  # dicom | lgg_tif | nifti
+    nifti_labels: str = default_of("sources.tcia.nifti_labels")
 
 
 @dataclass(frozen=True)
@@ -115,16 +118,62 @@ class SyntheticOptions:
 # --- imaging --------------------------------------------------------------------------------
 
 
+def _rule_default(key: str) -> Any:
+    rule = schema_node("imaging.mri.roles")["additionalProperties"]
+    return rule["properties"][key].get("default")
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """imaging.mri.roles.<role>: how one sequence role is chosen from a study's series."""
+
+    description: tuple[str, ...]
+    exclude: tuple[str, ...] = field(default=tuple(_rule_default("exclude")))
+    contrast: str = field(default=_rule_default("contrast"))  # pre | post | any
+    inversion_time_ms: tuple[float, ...] | None = field(default=_rule_default("inversion_time_ms"))
+    planes: tuple[str, ...] = field(default=tuple(_rule_default("planes")))
+    nifti: str | None = field(default=_rule_default("nifti"))
+    lgg_channel: int | None = field(default=_rule_default("lgg_channel"))
+
+    @classmethod
+    def of(cls, value: typing.Mapping[str, Any]) -> RoleRule:
+        """A rule from its (schema-validated) mapping, lists as tuples."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+def _default_roles() -> dict[str, RoleRule]:
+    return {name: RoleRule.of(rule)
+            for name, rule in schema_node("imaging.mri.roles")["default"].items()}
+
+
 @dataclass(frozen=True)
 class MriOptions:
-    """imaging.mri: MR series to normalised slices."""
+    """imaging.mri: MR studies to normalised slices."""
 
     sequences: tuple[str, ...] = default_of("imaging.mri.sequences")
+    reference: str = default_of("imaging.mri.reference")
+    roles: dict[str, RoleRule] = field(default_factory=_default_roles)
+    series_overrides: str | None = default_of("imaging.mri.series_overrides")
+    study: str = default_of("imaging.mri.study")  # earliest | most_complete
+    min_slices: int = default_of("imaging.mri.min_slices")
+    allow_derived: bool = default_of("imaging.mri.allow_derived")
+    register: str = default_of("imaging.mri.register")  # none | rigid
+    min_coverage: float = default_of("imaging.mri.min_coverage")
     missing_sequence: str = default_of("imaging.mri.missing_sequence")
     image_px: int = default_of("imaging.mri.image_px")
     clip_percentiles: tuple[float, ...] = default_of("imaging.mri.clip_percentiles")
     normalise: str = default_of("imaging.mri.normalise")
     keep_slices: str = default_of("imaging.mri.keep_slices")
+
+    def __post_init__(self) -> None:
+        # `build` passes the schema-checked mapping; hold each rule typed
+        roles = {name: rule if isinstance(rule, RoleRule) else RoleRule.of(rule)
+                 for name, rule in self.roles.items()}
+        object.__setattr__(self, "roles", roles)
+        unknown = [name for name in (*self.sequences, self.reference) if name not in roles]
+        if unknown:
+            raise ConfigError(f"imaging.mri.sequences/reference: role(s) {unknown} have no rule "
+                              f"in imaging.mri.roles (rules for {sorted(roles)})")
 
 
 @dataclass(frozen=True)
@@ -394,9 +443,12 @@ def stage_settings(cls: type[T], settings: str | typing.Mapping[str, Any]) -> T:
 
 def as_dict(options: object) -> dict[str, Any]:
     """Options (or a mapping of them) as plain JSON-able values, e.g. to store in a checkpoint."""
-    if dataclasses.is_dataclass(options):
-        options = dataclasses.asdict(options)  # type: ignore[arg-type]
-    return json.loads(json.dumps(options))
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)  # type: ignore[arg-type]
+        raise TypeError(f"{type(value).__name__} is not an options value")
+
+    return json.loads(json.dumps(options, default=plain))
 
 
 def _join(where: str, key: str) -> str:

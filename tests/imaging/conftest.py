@@ -20,6 +20,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from mgi.options import MriOptions, build
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Stored values v become physical values 2 * v - 100: background is stored as 50 (physical 0).
@@ -290,3 +292,9 @@ def slide_factory(tmp_path: Path):
 def aperio_writer():
     """Function: write an Aperio-style TIFF pyramid of an RGB image (see write_aperio_slide)."""
     return write_aperio_slide
+
+
+def mri_options(**values: object) -> MriOptions:
+    """imaging.mri options: the schema's defaults, `values` over them (checked like a config)."""
+    return build(MriOptions, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
+                 where="imaging.mri")

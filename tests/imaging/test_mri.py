@@ -20,6 +20,7 @@ from mgi.imaging.mri import (
     read_lgg_tif_slices,
     read_series,
 )
+from tests.imaging.conftest import mri_options
 
 
 def _bank(case, tmp_path, **options):
@@ -27,9 +28,12 @@ def _bank(case, tmp_path, **options):
     settings = {"sequences": ("T1 pre", "FLAIR", "T1 post"), "missing_sequence": "flair",
                 "image_px": 16, "clip_percentiles": (0.0, 100.0), "normalise": "zscore",
                 "keep_slices": "all", **options}
+    brain = {k: settings.pop(k) for k in ("brain_threshold", "brain_min_fraction")
+             if k in settings}
     out = tmp_path / "bank" / "img.h5"
     row = build_mri_bank(image_id="img", case_id=case.case_id, series_root=case.root,
-                         mask_dir=case.mask_dir, out_path=out, **settings)
+                         mask_dir=case.mask_dir, out_path=out, options=mri_options(**settings),
+                         **brain)
     return row, read_bank(out)
 
 
@@ -149,7 +153,7 @@ def test_bank_stacks_sequences_as_channels_in_position_order(mr_case, tmp_path):
     row, bank = _bank(mr_case, tmp_path)
     assert row["status"] == "ok" and row["reason"] == ""
     assert set(row) == {"image_id", "case_id", "modality", "status", "reason", "n_items",
-                        "spacing_mm", "level", "seconds"}
+                        "spacing_mm", "level", "seconds", "coverage", "registration"}
     assert row["n_items"] == 6 and row["spacing_mm"] == 1.0
     assert bank.images.shape == (6, 3, 16, 16) and bank.images.dtype == np.float16
     # coords: ascending z, InstanceNumber alongside
@@ -222,10 +226,10 @@ def test_normalise_volume_clips_at_brain_percentiles():
     assert (out[0, :, :5] >= 0).all() and (out[0, :, :5] <= 1).all()
 
 
-def test_resize_to_image_px_keeps_masks_binary(mr_case, tmp_path):
-    _, bank = _bank(mr_case, tmp_path, image_px=8)
-    assert bank.images.shape == (6, 3, 8, 8)
-    assert bank.masks.shape == (6, 8, 8)
+def test_resize_to_image_px_keeps_masks_binary(mr_case_factory, tmp_path):
+    _, bank = _bank(mr_case_factory(size=32), tmp_path, image_px=16)
+    assert bank.images.shape == (6, 3, 16, 16)
+    assert bank.masks.shape == (6, 16, 16)
     assert set(np.unique(bank.masks)) == {0, 1}
     assert bank.attrs["pixel_spacing"] == [2.0, 2.0]
 
@@ -322,7 +326,7 @@ def test_masks_matching_no_slice_fail_the_bank(mr_case, tmp_path):
 def test_no_mask_folder_gives_a_bank_without_masks(mr_case, tmp_path):
     out = tmp_path / "nomask.h5"
     row = build_mri_bank(image_id="img", case_id="CASE-1", series_root=mr_case.root,
-                         mask_dir=None, out_path=out, image_px=16)
+                         mask_dir=None, out_path=out, options=mri_options(image_px=16))
     assert row["status"] == "ok"
     assert read_bank(out).masks is None
 
@@ -330,7 +334,7 @@ def test_no_mask_folder_gives_a_bank_without_masks(mr_case, tmp_path):
 def test_missing_radiology_folder_fails_without_raising(tmp_path):
     row = build_mri_bank(image_id="img", case_id="c", series_root=tmp_path / "absent",
                          mask_dir=None, out_path=tmp_path / "x.h5")
-    assert row["status"] == "failed" and "radiology folder not found" in row["reason"]
+    assert row["status"] == "failed" and "case folder not found" in row["reason"]
     assert read_bank(tmp_path / "x.h5").attrs["status"] == "failed"
 
 
@@ -338,9 +342,9 @@ def test_invalid_options_raise_config_error(mr_case, tmp_path):
     common = {"image_id": "i", "case_id": "c", "series_root": mr_case.root, "mask_dir": None,
               "out_path": tmp_path / "x.h5"}
     with pytest.raises(ConfigError, match="normalise"):
-        build_mri_bank(**common, normalise="robust")
-    with pytest.raises(ConfigError, match="FLAIR"):
-        build_mri_bank(**common, sequences=("T1", "T2"), missing_sequence="flair")
+        build_mri_bank(**common, options=mri_options(normalise="robust"))
+    with pytest.raises(ConfigError, match="no rule"):
+        build_mri_bank(**common, options=mri_options(sequences=("T1", "T2")))
     with pytest.raises(ConfigError, match="brain_threshold"):
         build_mri_bank(**common, brain_threshold=1.5)
     assert not (tmp_path / "x.h5").exists()

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_ui
 from mgi.errors import SeriesError
 from mgi.imaging.bank import read_bank
 from mgi.imaging.mri import build_mri_bank, load_masks, mask_kind, read_series
+from tests.imaging.conftest import mri_options
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -76,7 +77,7 @@ def _bank(case, tmp_path, mask_path, **options):
     settings = {"image_px": 16, "clip_percentiles": (0.0, 100.0), **options}
     out = tmp_path / "bank" / "img.h5"
     row = build_mri_bank(image_id="img", case_id=case.case_id, series_root=case.root,
-                         mask_dir=mask_path, out_path=out, **settings)
+                         mask_dir=mask_path, out_path=out, options=mri_options(**settings))
     return row, read_bank(out)
 
 

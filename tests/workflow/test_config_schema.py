@@ -35,20 +35,29 @@ config_check = _load_config_check()
 
 
 def _schema_properties(node: dict, path: str = ""):
-    """Every property of the schema, with its path."""
+    """Every property of the schema, with its path and whether its parent requires it; the
+    entries of a mapping section (imaging.mri.roles) appear as `<name>`."""
+    required = set(node.get("required", ()))
     for key, sub in node.get("properties", {}).items():
-        yield f"{path}{key}", sub
+        yield f"{path}{key}", sub, key in required
         yield from _schema_properties(sub, f"{path}{key}.")
+    entry = node.get("additionalProperties")
+    if isinstance(entry, dict):
+        yield from _schema_properties(entry, f"{path}<name>.")
 
 
 def test_every_key_has_description_and_default():
     schema = yaml.safe_load(Path(SCHEMA).read_text())
     assert schema["additionalProperties"] is False
-    for path, sub in _schema_properties(schema):
+    for path, sub, required in _schema_properties(schema):
         assert sub.get("description"), f"{path} has no description"
-        assert "default" in sub, f"{path} has no default"
+        assert "default" in sub or required, f"{path} has no default"
         if sub.get("type") == "object":
-            assert sub.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            # closed, or a mapping whose every entry is closed
+            entries = sub.get("additionalProperties")
+            closed = entries is False or (isinstance(entries, dict)
+                                          and entries.get("additionalProperties") is False)
+            assert closed, f"{path} accepts unknown keys"
 
 
 def test_empty_config_gets_every_default():

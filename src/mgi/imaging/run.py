@@ -66,19 +66,13 @@ def process_image(
     if row["modality"] == "mri":
         from mgi.imaging.mri import build_mri_bank
 
-        mri = imaging.mri
         qc = build_mri_bank(
             image_id=image_id,
             case_id=row["case_id"],
             series_root=raw_dir / row["path"],
             mask_dir=mask,
             out_path=bank_path,
-            sequences=mri.sequences,
-            missing_sequence=mri.missing_sequence,
-            image_px=mri.image_px,
-            clip_percentiles=mri.clip_percentiles,
-            normalise=mri.normalise,
-            keep_slices=mri.keep_slices,
+            options=imaging.mri,
         )
     else:
         from mgi.imaging.slides import tile_slide

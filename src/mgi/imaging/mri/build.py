@@ -1,4 +1,10 @@
-"""One MR case (its series and masks) into a normalised, multi-sequence slice bank."""
+"""One MR case (a DICOM study, an LGG-set slice folder or NIfTI volumes) into its slice bank.
+
+Each layout has a loader that returns the case's sequences on one grid (`CaseVolumes`, before
+normalisation); `finish` then normalises every channel, fills missing roles, keeps slices and
+resizes, the same for all layouts. `build_mri_bank` never raises on bad data: it writes a
+failed bank naming the reason, and the cohort goes on.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,169 +22,188 @@ from skimage.transform import resize
 
 from mgi.errors import ConfigError, SeriesError
 from mgi.imaging.bank import write_bank, write_failed_bank
-from mgi.imaging.mri.choice import description_key, find_series, flair_name
-from mgi.imaging.mri.dicom import (
-    ORIENTATION_ATOL,
-    POSITION_ATOL_MM,
-    SPACING_ATOL,
-    MRSeries,
-    read_series,
-)
+from mgi.imaging.mri.choice import choose_case_series
+from mgi.imaging.mri.dicom import read_series
+from mgi.imaging.mri.grid import align_to_reference
 from mgi.imaging.mri.masks import load_masks, mask_kind
-from mgi.imaging.mri.normalise import NORMALISE, brain_mask, normalise_volume
+from mgi.imaging.mri.normalise import brain_mask, normalise_volume
+from mgi.options import MriOptions
 
 log = logging.getLogger(__name__)
 
-MISSING_SEQUENCE = ("flair", "zeros", "error")
-KEEP_SLICES = ("all", "tumour", "brain")
+LAYOUTS = ("dicom", "lgg_tif", "nifti")
 
 
-def _check_options(
-    sequences: tuple[str, ...], missing_sequence: str, image_px: int,
-    clip_percentiles: tuple[float, float], normalise: str, keep_slices: str,
-) -> None:
-    if not sequences:
-        raise ConfigError("sequences must name at least one SeriesDescription")
-    if missing_sequence not in MISSING_SEQUENCE:
-        raise ConfigError(f"missing_sequence must be one of {MISSING_SEQUENCE}, "
-                          f"got {missing_sequence!r}")
-    if missing_sequence == "flair" and flair_name(sequences) is None:
-        raise ConfigError(f"missing_sequence 'flair' needs a FLAIR sequence in {sequences}")
-    if normalise not in NORMALISE:
-        raise ConfigError(f"normalise must be one of {NORMALISE}, got {normalise!r}")
-    if keep_slices not in KEEP_SLICES:
-        raise ConfigError(f"keep_slices must be one of {KEEP_SLICES}, got {keep_slices!r}")
-    if image_px < 1:
-        raise ConfigError(f"image_px must be a positive number of pixels, got {image_px}")
-    low, high = clip_percentiles
-    if not 0 <= low < high <= 100:
-        raise ConfigError(f"clip_percentiles must satisfy 0 <= low < high <= 100, "
-                          f"got {clip_percentiles}")
+@dataclass
+class CaseVolumes:
+    """A case's sequences on the reference grid, in physical units, before normalisation."""
+
+    channels: dict[str, np.ndarray]  # role -> (Z, H, W) float32; roles not found are absent
+    reference: str  # the role whose grid the others were resampled onto
+    z: np.ndarray  # (Z,) slice position along the normal, mm
+    instance_numbers: np.ndarray  # (Z,) slice numbers of the reference
+    pixel_spacing: tuple[float, float]  # (row, column) mm of the reference
+    slice_gap: float  # mm
+    orientation: np.ndarray  # (6,) direction cosines of the reference rows and columns
+    masks: np.ndarray | None = None  # (Z, H, W) uint8 0/1 on the reference grid
+    mask_source: str = "none"
+    patient_id: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)  # layout's extras for the bank
+    qc: dict[str, Any] = field(default_factory=dict)  # layout's extra QC columns
 
 
-def _check_same_geometry(reference: MRSeries, name: str, other: MRSeries, ref_name: str) -> None:
-    if other.volume.shape != reference.volume.shape:
-        raise SeriesError(f"{other.files[0].parent}: series {name!r} has shape "
-                          f"{other.volume.shape}, {ref_name!r} has {reference.volume.shape}; "
-                          "sequences must be co-registered")
-    same = (
-        np.allclose(other.orientation, reference.orientation, atol=ORIENTATION_ATOL)
-        and np.allclose(other.pixel_spacing, reference.pixel_spacing, atol=SPACING_ATOL)
-        and np.allclose(other.positions, reference.positions, atol=POSITION_ATOL_MM)
+def layout_of(path: Path) -> str:
+    """The layout of a case folder: nifti (NIfTI volumes), lgg_tif (slice TIFFs) or dicom."""
+    if not path.is_dir():
+        raise SeriesError(f"{path}: case folder not found")
+    names = [p.name.lower() for p in path.iterdir() if p.is_file()]
+    if any(n.endswith((".nii", ".nii.gz")) for n in names):
+        return "nifti"
+    if any(n.endswith((".tif", ".tiff")) for n in names):
+        return "lgg_tif"
+    return "dicom"
+
+
+def load_dicom_case(
+    *, case_id: str, series_root: Path, mask_dir: Path | None, options: MriOptions
+) -> CaseVolumes:
+    """Choose a study's series per role, read them and resample them onto the reference grid."""
+    choice = choose_case_series(series_root, case_id=case_id, options=options)
+    if not choice.folders:
+        raise SeriesError(f"{series_root}: no series for any of the sequences "
+                          f"{list(options.sequences)}; {choice.summary()}")
+    series = {role: read_series(folder) for role, folder in choice.folders.items()}
+    reference = options.reference if options.reference in series else next(iter(series))
+    aligned = align_to_reference(series, reference=reference, register=options.register)
+    channels, coverage, metrics = {}, {}, {}
+    for role, result in aligned.items():
+        coverage[role] = round(result.coverage, 4)
+        if result.metric is not None:
+            metrics[role] = round(result.metric, 4)
+        if result.coverage < options.min_coverage:
+            log.warning("%s: %s covers %.0f%% of the %s volume (< imaging.mri.min_coverage "
+                        "%.0f%%); counted as missing", series_root, role, 100 * result.coverage,
+                        reference, 100 * options.min_coverage)
+            continue
+        channels[role] = result.volume
+    ref = series[reference]
+    if ref.patient_id and ref.patient_id != case_id:
+        log.warning("%s: PatientID %r differs from case_id %r", series_root, ref.patient_id,
+                    case_id)
+    masks, mask_source = None, "none"
+    if mask_dir is not None:
+        mask_source = mask_kind(mask_dir)
+        masks = load_masks(mask_dir, ref)
+    return CaseVolumes(
+        channels=channels, reference=reference, z=ref.z, instance_numbers=ref.instance_numbers,
+        pixel_spacing=ref.pixel_spacing, slice_gap=ref.slice_gap, orientation=ref.orientation,
+        masks=masks, mask_source=mask_source, patient_id=ref.patient_id,
+        attrs={"series_uids": json.dumps({r: s.series_uid for r, s in series.items()}),
+               "series_descriptions": json.dumps(
+                   {r: s.series_description for r, s in series.items()}),
+               "series_choice": json.dumps(choice.reasons),
+               "alignment": json.dumps({r: a.how for r, a in aligned.items()})},
+        qc={"coverage": json.dumps(coverage), "registration": json.dumps(metrics)},
     )
-    if not same:
-        raise SeriesError(f"{other.files[0].parent}: series {name!r} differs from {ref_name!r} "
-                          "in orientation, pixel spacing or slice positions; "
-                          "sequences must be co-registered")
 
 
-def _build(
-    *, case_id: str, series_root: Path, mask_dir: Path | None, sequences: tuple[str, ...],
-    missing_sequence: str, image_px: int, clip_percentiles: tuple[float, float],
-    normalise: str, keep_slices: str, brain_threshold: float, brain_min_fraction: float,
+def load_case(
+    *, case_id: str, path: Path, mask_path: Path | None, options: MriOptions
+) -> CaseVolumes:
+    """The case's volumes, read by the loader of the folder's layout."""
+    layout = layout_of(path)
+    if layout == "lgg_tif":
+        from mgi.imaging.mri.lgg import load_lgg_case
+
+        return load_lgg_case(path, mask_path=mask_path, options=options)
+    if layout == "nifti":
+        from mgi.imaging.mri.nifti import load_nifti_case
+
+        return load_nifti_case(path, mask_path=mask_path, options=options)
+    return load_dicom_case(case_id=case_id, series_root=path, mask_dir=mask_path,
+                           options=options)
+
+
+def finish(
+    case: CaseVolumes, *, options: MriOptions, where: Path, brain_threshold: float,
+    brain_min_fraction: float,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, Any]]:
-    found = find_series(series_root)
-    folders: dict[str, Path] = {}
-    for name in sequences:
-        matches = found.get(description_key(name), [])
-        if len(matches) > 1:
-            raise SeriesError(f"{series_root}: {len(matches)} series described {name!r}: "
-                              f"{[m.name for m in matches]}")
-        if matches:
-            folders[name] = matches[0]
-    missing = [name for name in sequences if name not in folders]
-    if not folders:
-        raise SeriesError(f"{series_root}: none of the sequences {list(sequences)} found; "
-                          f"SeriesDescriptions found: {sorted(found)}")
-    flair = flair_name(sequences)
-    if missing and missing_sequence == "error":
-        raise SeriesError(f"{series_root}: sequence(s) {missing} not found; "
-                          f"SeriesDescriptions found: {sorted(found)}")
-    if missing and missing_sequence == "flair" and flair not in folders:
-        raise SeriesError(f"{series_root}: sequence(s) {missing} not found and FLAIR "
-                          f"({flair!r}), which replaces them, is missing too")
-
-    series = {name: read_series(folder) for name, folder in folders.items()}
-    reference_name = flair if flair in series else next(iter(series))
-    reference = series[reference_name]
-    for name, other in series.items():
-        _check_same_geometry(reference, name, other, reference_name)
-    if reference.patient_id and reference.patient_id != case_id:
-        log.warning("%s: PatientID %r differs from case_id %r",
-                    series_root, reference.patient_id, case_id)
-
-    brains = {name: brain_mask(s.volume, threshold=brain_threshold)
-              for name, s in series.items()}
+    """Normalise, fill missing roles, keep slices and resize: (images, masks, coords, attrs)."""
+    sequences = options.sequences
+    missing = [name for name in sequences if name not in case.channels]
+    if missing and options.missing_sequence == "error":
+        raise SeriesError(f"{where}: sequence(s) {missing} not found")
+    if missing and options.missing_sequence == "flair" and options.reference not in case.channels:
+        raise SeriesError(f"{where}: sequence(s) {missing} not found and {options.reference!r}, "
+                          "which replaces them, is missing too")
+    brains = {name: brain_mask(v, threshold=brain_threshold) for name, v in case.channels.items()}
     normalised = {
-        name: normalise_volume(s.volume, clip_percentiles=clip_percentiles, method=normalise,
-                               brain=brains[name])
-        for name, s in series.items()
+        name: normalise_volume(v, clip_percentiles=tuple(options.clip_percentiles),
+                               method=options.normalise, brain=brains[name])
+        for name, v in case.channels.items()
     }
+    shape = next(iter(case.channels.values())).shape
     filled: dict[str, str] = {}
     channels = []
     for name in sequences:
         if name in normalised:
             channels.append(normalised[name])
             filled[name] = "series"
-        elif missing_sequence == "flair":
-            channels.append(normalised[flair])
-            filled[name] = f"replaced by {flair}"
+        elif options.missing_sequence == "flair":
+            channels.append(normalised[options.reference])
+            filled[name] = f"replaced by {options.reference}"
         else:
-            channels.append(np.zeros_like(reference.volume))
+            channels.append(np.zeros(shape, dtype=np.float32))
             filled[name] = "zeros"
     if missing:
-        log.warning("%s: missing sequence(s) %s: %s", series_root, missing,
+        log.warning("%s: missing sequence(s) %s: %s", where, missing,
                     {m: filled[m] for m in missing})
     volume = np.stack(channels, axis=1)  # (Z, C, H, W)
-    height, width = reference.volume.shape[1:]
+    height, width = shape[1:]
+    masks = case.masks
 
-    masks = None
-    mask_source = "none"
-    if mask_dir is not None:
-        mask_source = mask_kind(mask_dir)
-        masks = load_masks(mask_dir, reference)
-
+    keep_slices = options.keep_slices
     if keep_slices == "all":
         keep = np.ones(len(volume), dtype=bool)
     elif keep_slices == "tumour":
         if masks is None:
-            raise SeriesError(f"{series_root}: keep_slices 'tumour' needs masks, "
-                              "but no mask folder was given")
+            raise SeriesError(f"{where}: keep_slices 'tumour' needs masks, but none was given")
         keep = masks.reshape(len(masks), -1).any(axis=1)
     else:
         brain = np.any(list(brains.values()), axis=0)  # (Z, H, W)
         keep = brain.reshape(len(brain), -1).mean(axis=1) >= brain_min_fraction
     if not keep.any():
-        raise SeriesError(f"{series_root}: no slice kept with keep_slices {keep_slices!r} "
+        raise SeriesError(f"{where}: no slice kept with keep_slices {keep_slices!r} "
                           f"(of {len(keep)} slices)")
 
     volume = volume[keep]
+    image_px = options.image_px
     target = (len(volume), len(sequences), image_px, image_px)
     images = resize(volume, target, order=1, preserve_range=True,
                     anti_aliasing=image_px < min(height, width)).astype(np.float16)
     if masks is not None:
         masks = resize(masks[keep], (len(images), image_px, image_px), order=0,
                        preserve_range=True, anti_aliasing=False).astype(np.uint8)
-    coords = np.column_stack([reference.z[keep], reference.instance_numbers[keep]])
-    row_mm, col_mm = reference.pixel_spacing
+    coords = np.column_stack([case.z[keep], case.instance_numbers[keep]])
+    row_mm, col_mm = case.pixel_spacing
     attrs = {
         "sequences": json.dumps(list(sequences)),
         "sequences_filled": json.dumps(filled),
-        "series_uids": json.dumps({name: s.series_uid for name, s in series.items()}),
-        "reference_sequence": reference_name,
-        "patient_id": reference.patient_id,
-        "spacing": [reference.slice_gap, row_mm, col_mm],
+        "reference_sequence": case.reference,
+        "patient_id": case.patient_id,
+        "spacing": [case.slice_gap, row_mm, col_mm],
         "pixel_spacing": [row_mm * height / image_px, col_mm * width / image_px],
-        "orientation": reference.orientation.tolist(),
+        "orientation": np.asarray(case.orientation, dtype=float).tolist(),
         "image_px": image_px,
-        "normalise": normalise,
-        "clip_percentiles": list(clip_percentiles),
+        "normalise": options.normalise,
+        "clip_percentiles": list(options.clip_percentiles),
         "keep_slices": keep_slices,
         "brain_threshold": brain_threshold,
         "brain_min_fraction": brain_min_fraction,
         "n_slices_total": len(keep),
-        "mask_source": mask_source,
+        "mask_source": case.mask_source,
         "coords_columns": json.dumps(["z_mm", "instance_number"]),
+        **case.attrs,
     }
     return images, masks, coords, attrs
 
@@ -195,26 +221,20 @@ def build_mri_bank(
     series_root: str | os.PathLike[str],
     mask_dir: str | os.PathLike[str] | None,
     out_path: str | os.PathLike[str],
-    sequences: tuple[str, ...] = ("T1 pre", "FLAIR", "T1 post"),
-    missing_sequence: str = "flair",
-    image_px: int = 64,
-    clip_percentiles: tuple[float, float] = (0.5, 99.5),
-    normalise: str = "zscore",
-    keep_slices: str = "all",
+    options: MriOptions | None = None,
     brain_threshold: float = 0.1,
     brain_min_fraction: float = 0.05,
 ) -> dict[str, Any]:
     """Write the slice bank of one MR case and return its QC row (a failed bank on bad data).
 
-    Brain voxels (those normalised, and counted by keep_slices "brain") are found per volume by
-    `brain_mask` with `brain_threshold`; a "brain" slice has at least `brain_min_fraction` of
-    its pixels brain in some sequence. Bad data (SeriesError, unreadable files) never raises:
-    the bank is written with status "failed" and the row says why. Invalid options raise
-    ConfigError.
+    `series_root` is the case's folder in any layout (`layout_of`); `options` are
+    imaging.mri (defaults when None). Brain voxels (those normalised, and counted by
+    keep_slices "brain") are found per volume by `brain_mask` with `brain_threshold`; a "brain"
+    slice has at least `brain_min_fraction` of its pixels brain in some sequence. Bad data
+    (SeriesError, unreadable files) never raises: the bank is written with status "failed" and
+    the row says why.
     """
-    sequences = tuple(sequences)
-    _check_options(sequences, missing_sequence, image_px, tuple(clip_percentiles), normalise,
-                   keep_slices)
+    options = options or MriOptions()
     for name, value in (("brain_threshold", brain_threshold),
                         ("brain_min_fraction", brain_min_fraction)):
         if not 0 <= value < 1:
@@ -223,16 +243,16 @@ def build_mri_bank(
     row: dict[str, Any] = {
         "image_id": image_id, "case_id": case_id, "modality": "mri", "status": "ok",
         "reason": "", "n_items": 0, "spacing_mm": None, "level": None, "seconds": 0.0,
+        "coverage": "", "registration": "",
     }
+    root = Path(series_root)
     try:
-        images, masks, coords, attrs = _build(
-            case_id=case_id, series_root=Path(series_root),
-            mask_dir=Path(mask_dir) if mask_dir not in (None, "") else None,
-            sequences=sequences, missing_sequence=missing_sequence, image_px=image_px,
-            clip_percentiles=tuple(clip_percentiles), normalise=normalise,
-            keep_slices=keep_slices, brain_threshold=brain_threshold,
-            brain_min_fraction=brain_min_fraction,
-        )
+        case = load_case(case_id=case_id, path=root,
+                         mask_path=Path(mask_dir) if mask_dir not in (None, "") else None,
+                         options=options)
+        images, masks, coords, attrs = finish(case, options=options, where=root,
+                                              brain_threshold=brain_threshold,
+                                              brain_min_fraction=brain_min_fraction)
     except (SeriesError, OSError, InvalidDicomError) as err:
         reason = _reason(err)
         log.error("%s: MRI bank failed: %s", image_id, reason)
@@ -243,7 +263,6 @@ def build_mri_bank(
         write_bank(out_path, images=images, masks=masks, coords=coords,
                    attrs={"image_id": image_id, "case_id": case_id, "modality": "mri",
                           "status": "ok", "reason": "", **attrs})
-        row.update(n_items=len(images), spacing_mm=round(attrs["spacing"][1], 4))
+        row.update(n_items=len(images), spacing_mm=round(attrs["spacing"][1], 4), **case.qc)
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
-

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 from mgi.errors import MgiError, SeriesError
 from mgi.imaging.mri.dicom import read_dicom, series_files
 from mgi.io import read_tsv
+from mgi.options import MriOptions
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +62,35 @@ def _series_from_table(table: Path) -> dict[str, list[Path]]:
 def flair_name(sequences: tuple[str, ...]) -> str | None:
     return next((name for name in sequences if "flair" in name.casefold()), None)
 
+
+
+@dataclass
+class SeriesChoice:
+    """The series chosen for each role of one case, and why."""
+
+    folders: dict[str, Path]  # role -> series folder
+    reasons: dict[str, str]  # role -> why that series (or why none)
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)  # every candidate, audited
+
+    def summary(self) -> str:
+        """One line: each role's outcome."""
+        return "; ".join(f"{role}: {why}" for role, why in self.reasons.items())
+
+
+def choose_case_series(
+    series_root: str | os.PathLike[str], *, case_id: str, options: MriOptions
+) -> SeriesChoice:
+    """The series of `series_root` that feed each role of `options.sequences`."""
+    found = find_series(series_root)
+    folders, reasons = {}, {}
+    for name in options.sequences:
+        matches = found.get(description_key(name), [])
+        if len(matches) > 1:
+            raise SeriesError(f"{series_root}: {len(matches)} series described {name!r}: "
+                              f"{[m.name for m in matches]}")
+        if matches:
+            folders[name] = matches[0]
+            reasons[name] = "described so"
+        else:
+            reasons[name] = f"none found among {sorted(found)}"
+    return SeriesChoice(folders, reasons)
