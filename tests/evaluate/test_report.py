@@ -109,8 +109,19 @@ def make_results(root: Path, variants: dict[str, float | None], *,
         write_bank(root / "images" / f"IMG-{case}.h5", images=image, masks=truth[case],
                    coords=np.column_stack([np.arange(SLICES) * 2.5, np.arange(SLICES) + 1]),
                    attrs={"image_id": f"IMG-{case}", "case_id": case, "modality": "mri",
-                          "sequences": ["T1 pre", "FLAIR", "T1 post"]})
-        rows.append({"image_id": f"IMG-{case}", "case_id": case, "status": "ok", "reason": ""})
+                          "sequences": ["T1 pre", "FLAIR", "T1 post"],
+                          "series_descriptions": json.dumps(
+                              {"T1 pre": "AX T1", "FLAIR": "AX T2 FLAIR"}),
+                          "series_choice": json.dumps({"FLAIR": "axial, TI 2500 ms"}),
+                          "alignment": json.dumps({"T1 pre": "registered", "FLAIR": "reference"}),
+                          "sequences_filled": json.dumps({"T1 pre": "series", "FLAIR": "series",
+                                                          "T1 post": "replaced by FLAIR"})})
+        rows.append({"image_id": f"IMG-{case}", "case_id": case, "modality": "mri",
+                     "status": "ok", "reason": "", "coverage": json.dumps({"T1 pre": 0.97}),
+                     "registration": json.dumps({"T1 pre": -0.41})})
+    rows.append({"image_id": "IMG-NOFLAIR", "case_id": "TCGA-ZZ-0000", "modality": "mri",
+                 "status": "failed", "reason": "no series for FLAIR: 'AX T1 FLAIR' rejected",
+                 "coverage": "", "registration": ""})
     _tsv(pd.DataFrame(rows), root / "images" / "qc.tsv")
     scores = {"recall@1": 0.5, "chance@1": 0.25, "p_recall@1": 0.21, "recall@5": 1.0,
               "chance@5": 1.0, "p_recall@5": 1.0, "mean_rank": 1.75}
@@ -319,3 +330,17 @@ def test_variant_order_puts_mgi_first_then_the_known_baselines():
     assert BASELINE_ORDER[:3] == ["mgi_image_only", "vit_scratch", "unet_scratch"]
     assert ordered_variants(["custom", "mgi_mlp", "unet_scratch", "mgi"]) == [
         "mgi", "unet_scratch", "mgi_mlp", "custom"]
+
+
+def test_the_report_shows_which_series_fed_each_channel_and_why_images_failed(one_failed):
+    _, _, html = one_failed
+    table = html[html.index('<table id="series">'):]
+    table = table[:table.index("</table>")]
+    first = CASES[0]
+    row = table[table.index(f"<td>{first}</td>"):]
+    row = row[:row.index("</tr>")]
+    assert "AX T1 <small>(registered, covers 97%, MI -0.410)</small>" in row
+    assert "AX T2 FLAIR <small>(reference grid)</small>" in row
+    assert 'title="axial, TI 2500 ms"' in row
+    assert "replaced by FLAIR" in row
+    assert "TCGA-ZZ-0000" in table and "failed: no series for FLAIR" in table

@@ -29,7 +29,7 @@ import pandas as pd
 from mgi.errors import MgiError
 from mgi.evaluate import plots
 from mgi.evaluate.stats import bootstrap_ci, paired_comparison
-from mgi.imaging.bank import read_bank
+from mgi.imaging.bank import bank_attrs, read_bank
 from mgi.io import atomic_path, read_tsv
 from mgi.layout import results_path
 from mgi.options import ReportSettings
@@ -316,6 +316,50 @@ def _read_predictions(path: Path) -> tuple | None:
         return None
 
 
+def _json_attr(attrs: dict, key: str) -> dict:
+    try:
+        value = json.loads(attrs.get(key) or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def image_sources(inputs: ReportInputs, qc: pd.DataFrame) -> list[dict]:
+    """Per MR image: which series fed each channel (and how it got onto the reference grid),
+    or why the bank failed; read from the banks' attributes and the QC table."""
+    rows = []
+    mri = qc[qc["modality"] == "mri"] if "modality" in qc else qc.iloc[0:0]
+    for record in mri.itertuples(index=False):
+        path = inputs.banks.get(record.image_id)
+        row = {"case_id": record.case_id, "image_id": record.image_id,
+               "status": record.status, "reason": getattr(record, "reason", "") or "",
+               "channels": []}
+        if record.status == "ok" and path is not None and path.exists():
+            attrs = bank_attrs(path)
+            descriptions = _json_attr(attrs, "series_descriptions")
+            reasons = _json_attr(attrs, "series_choice")
+            alignment = _json_attr(attrs, "alignment")
+            filled = _json_attr(attrs, "sequences_filled")
+            coverage = _json_attr({"c": getattr(record, "coverage", "")}, "c")
+            metric = _json_attr({"m": getattr(record, "registration", "")}, "m")
+            layout = attrs.get("source_layout", "dicom")
+            roles = attrs.get("sequences") or "[]"
+            for role in json.loads(roles) if isinstance(roles, str) else roles:
+                source = filled.get(role, "series")
+                if source == "series" and layout == "dicom":
+                    what = descriptions.get(role, "?")
+                elif source == "series":
+                    what = f"{layout} file"
+                else:
+                    what = source
+                row["channels"].append({
+                    "role": role, "series": what, "reason": reasons.get(role, ""),
+                    "how": alignment.get(role, ""), "coverage": coverage.get(role),
+                    "metric": metric.get(role)})
+        rows.append(row)
+    return rows
+
+
 def _overlays(inputs: ReportInputs, qc: pd.DataFrame, variants: list[str],
               ranked_by: pd.DataFrame) -> list[dict]:
     """Best, median and worst test patients of one variant: their largest-tumour slice, with
@@ -483,7 +527,7 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
         overlay_variant=overlay_variant, empty_masks_text=EMPTY_MASKS,
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
         n_images=len(qc), facts=_run_facts(retrieval.get("device", "unknown")), settings=settings,
-        attribution=attribution, wall=wall,
+        attribution=attribution, wall=wall, image_sources=image_sources(inputs, qc),
         kept_by=KEPT_BY[metrics["pretrain"]["kept_by"]],
     )
     with atomic_path(html_path, suffix=".html") as tmp:
