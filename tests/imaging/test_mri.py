@@ -264,11 +264,19 @@ def test_sequences_match_description_case_insensitively(mr_case_factory, tmp_pat
     assert row["status"] == "ok"
 
 
-def test_sequences_not_co_registered_fail_the_bank(mr_case_factory, tmp_path):
+def test_a_sequence_on_another_grid_is_resampled_and_its_coverage_reported(mr_case_factory,
+                                                                           tmp_path):
     case = mr_case_factory(spacing={"T1 post": (0.8, 0.8)})
-    row, _ = _bank(case, tmp_path)
-    assert row["status"] == "failed"
-    assert "co-registered" in row["reason"] and "T1 post" in row["reason"]
+    row, bank = _bank(case, tmp_path)
+    assert row["status"] == "ok"
+    assert json.loads(bank.attrs["alignment"]) == {"T1 pre": "same grid", "FLAIR": "reference",
+                                                   "T1 post": "resampled"}
+    # 16 pixels of 0.8 mm from -8 mm reach 4.4 mm: 13 of the reference's 16 columns and rows
+    assert json.loads(row["coverage"])["T1 post"] == pytest.approx((13 / 16) ** 2, abs=1e-4)
+    assert bank.images.shape == (6, 3, 16, 16)
+    # below imaging.mri.min_coverage it counts as missing (and FLAIR replaces it)
+    _, partial = _bank(case, tmp_path, min_coverage=0.7)
+    np.testing.assert_array_equal(partial.images[:, 2], partial.images[:, 1])
 
 
 def test_non_mr_series_fails_the_bank_without_raising(mr_case, tmp_path, dicom_writers):

@@ -2,10 +2,13 @@
 
 Slices are ordered by position along the slice normal (never by file name or InstanceNumber);
 every file must be an MR image with the geometry tags, else SeriesError names the file and tag.
+A folder holding several volumes at the same positions (echoes, time points, repeats) gives its
+first complete volume, split by the tags of `VOLUME_TAGS`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,6 +29,11 @@ MR_SOP_CLASSES = (MRImageStorage, EnhancedMRImageStorage)
 ORIENTATION_ATOL = 1e-4
 SPACING_ATOL = 1e-4
 POSITION_ATOL_MM = 0.01
+# Tags that tell apart volumes acquired at the same slice positions, in order of preference:
+# classic MR attributes, and the Enhanced MR per-frame ones (FrameContentSequence, MREchoSequence)
+CLASSIC_VOLUME_TAGS = ("TemporalPositionIdentifier", "AcquisitionNumber", "EchoNumbers")
+ENHANCED_VOLUME_TAGS = ("TemporalPositionIndex", "EffectiveEchoTime")
+VOLUME_TAGS = CLASSIC_VOLUME_TAGS + ENHANCED_VOLUME_TAGS
 
 
 @dataclass
@@ -43,6 +51,7 @@ class MRSeries:
     series_description: str
     series_uid: str
     patient_id: str
+    frame_of_reference: str = ""  # FrameOfReferenceUID ("" when absent)
     files: list[Path] = field(default_factory=list)  # source file of each slice, in order
 
     @property
@@ -63,6 +72,8 @@ class _Slice:
     series_uid: str
     description: str
     patient_id: str
+    frame_of_reference: str
+    volume_tags: dict[str, str]  # those of VOLUME_TAGS present on the slice (or its frame)
 
 
 def read_dicom(path: Path, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
@@ -141,7 +152,24 @@ def _classic_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         description=str(ds.get("SeriesDescription", "")),
         patient_id=str(ds.get("PatientID", "")),
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+        volume_tags=_present(ds, CLASSIC_VOLUME_TAGS),
     )
+
+
+def _present(ds: Any, keywords: tuple[str, ...]) -> dict[str, str]:
+    """The non-empty attributes `keywords` of `ds`, as text."""
+    return {k: str(ds.get(k)) for k in keywords if ds.get(k) not in (None, "")}
+
+
+def _frame_volume_tags(frame: Any) -> dict[str, str]:
+    """TemporalPositionIndex and EffectiveEchoTime of one Enhanced MR frame, where present."""
+    tags = {}
+    for sequence, keyword in (("FrameContentSequence", "TemporalPositionIndex"),
+                              ("MREchoSequence", "EffectiveEchoTime")):
+        if sequence in frame and len(frame[sequence].value):
+            tags.update(_present(frame[sequence].value[0], (keyword,)))
+    return tags
 
 
 def functional_group(path: Path, keyword: str, sources: tuple[Any, ...], where: str) -> Any:
@@ -189,6 +217,8 @@ def _enhanced_frames(path: Path, ds: pydicom.Dataset) -> list[_Slice]:
             series_uid=str(ds.get("SeriesInstanceUID", "")),
             description=str(ds.get("SeriesDescription", "")),
             patient_id=str(ds.get("PatientID", "")),
+            frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+            volume_tags=_frame_volume_tags(frame),
         ))
     return slices
 
@@ -245,12 +275,10 @@ def read_series(
     order = np.argsort(z_all, kind="stable")
     slices = [slices[i] for i in order]
     z = z_all[order]
+    if len(slices) > 1 and np.diff(z).min() < POSITION_ATOL_MM:
+        slices, z = _first_complete_volume(folder, slices, z)
     if len(slices) > 1:
         gaps = np.diff(z)
-        if gaps.min() < POSITION_ATOL_MM:
-            i = int(np.argmin(gaps))
-            raise SeriesError(f"{folder}: two slices at the same position z={z[i]:.3f} mm "
-                              f"({slices[i].file.name}, {slices[i + 1].file.name})")
         gap = float(np.median(gaps))
         bad = np.flatnonzero(np.abs(gaps - gap) > max(POSITION_ATOL_MM, gap_tolerance * gap))
         if bad.size:
@@ -274,5 +302,51 @@ def read_series(
         series_description=first.description,
         series_uid=first.series_uid,
         patient_id=first.patient_id,
+        frame_of_reference=first.frame_of_reference,
         files=[s.file for s in slices],
     )
+
+
+def _sort_key(value: str | None) -> tuple[int, float, str]:
+    """Numbers in numeric order, then text, then absent values."""
+    if value is None:
+        return (2, 0.0, "")
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _first_complete_volume(
+    folder: Path, slices: list[_Slice], z: np.ndarray
+) -> tuple[list[_Slice], np.ndarray]:
+    """Of several volumes at the same positions (slices sorted by z), the first complete one.
+
+    The volumes are told apart by the fewest tags of VOLUME_TAGS that leave no two slices of a
+    volume at one position and give at least one volume with a slice at every position.
+    """
+    place = np.concatenate([[0], np.cumsum(np.diff(z) >= POSITION_ATOL_MM)])  # distinct positions
+    n_places = int(place[-1]) + 1
+    present = [t for t in VOLUME_TAGS if any(t in s.volume_tags for s in slices)]
+    for size in range(1, len(present) + 1):
+        for tags in itertools.combinations(present, size):
+            volumes: dict[tuple[str | None, ...], list[int]] = {}
+            for i, s in enumerate(slices):
+                volumes.setdefault(tuple(s.volume_tags.get(t) for t in tags), []).append(i)
+            if any(len(set(place[v])) < len(v) for v in volumes.values()):
+                continue  # these tags leave two slices of one volume at one position
+            complete = sorted((key for key, v in volumes.items() if len(v) == n_places),
+                              key=lambda key: [_sort_key(value) for value in key])
+            if not complete:
+                continue
+            chosen = volumes[complete[0]]
+            log.warning("%s: %d volumes at the same %d slice positions, told apart by %s; "
+                        "using the first complete one (%s)", folder, len(volumes), n_places,
+                        "/".join(tags), ", ".join(f"{t} {v}" for t, v in zip(tags, complete[0],
+                                                                              strict=True)))
+            return [slices[i] for i in chosen], z[chosen]
+    i = int(np.argmin(np.diff(z)))
+    tried = ", ".join(present) if present else f"none of {', '.join(VOLUME_TAGS)} present"
+    raise SeriesError(f"{folder}: two slices at the same position z={z[i]:.3f} mm "
+                      f"({slices[i].file.name}, {slices[i + 1].file.name}), and no complete "
+                      f"volume told apart by the tags that split volumes ({tried})")
