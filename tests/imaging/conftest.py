@@ -68,8 +68,13 @@ def write_mr_slice(
     series_uid: str, description: str, patient_id: str = "CASE-1",
     orientation: tuple[float, ...] = AXIAL, spacing: tuple[float, float] = (1.0, 1.0),
     modality: str = "MR", sop_class: str = MRImageStorage, thickness: float = 2.0,
+    **tags: object,
 ) -> Path:
-    """One single-frame MR (or other) DICOM file with stored uint16 `pixels`."""
+    """One single-frame MR (or other) DICOM file with stored uint16 `pixels`.
+
+    `tags` are further attributes by keyword (StudyDate="20010101", InversionTime=2500.0, ...),
+    set last, so they may replace the defaults (StudyInstanceUID); None deletes one.
+    """
     ds = _base_dataset(sop_class, modality, patient_id=patient_id, series_uid=series_uid,
                        description=description)
     ds.InstanceNumber = instance
@@ -81,6 +86,11 @@ def write_mr_slice(
     ds.RescaleIntercept = INTERCEPT
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from pydicom.uid import CTImageStorage
 
 from mgi.errors import ConfigError, SeriesError
 from mgi.imaging.bank import read_bank
@@ -280,7 +281,11 @@ def test_a_sequence_on_another_grid_is_resampled_and_its_coverage_reported(mr_ca
 
 
 def test_non_mr_series_fails_the_bank_without_raising(mr_case, tmp_path, dicom_writers):
-    dicom_writers.ct(mr_case.folders["T1 pre"] / "zz_ct.dcm")
+    # a CT object filed under the T1 series' UID: the choice reads one file, read_series all
+    folder = mr_case.folders["T1 pre"]
+    dicom_writers.slice(folder / "zz_ct.dcm", np.full((16, 16), 60), position=(-8, -8, 0),
+                        instance=99, series_uid=folder.name, description="CT", modality="CT",
+                        sop_class=CTImageStorage)
     row, bank = _bank(mr_case, tmp_path)
     assert row["status"] == "failed" and "not an MR image" in row["reason"]
     assert bank.attrs["reason"] == row["reason"]
@@ -400,10 +405,10 @@ def test_copy_of_case_keeps_working(mr_case, tmp_path):
 
 
 def test_series_tsv_names_series_whose_descriptions_differ(mr_case_factory, tmp_path):
-    # real TCIA descriptions ("AX FLAIR") are not the configured names: the acquire stage's
-    # series.tsv maps each SeriesInstanceUID to the sequence it was chosen for
-    case = mr_case_factory(descriptions={"T1 pre": "AX T1", "FLAIR": "AX FLAIR",
-                                         "T1 post": "T1_POST_GD"})
+    # descriptions no rule reads: the acquire stage's series.tsv maps each SeriesInstanceUID
+    # to the sequence it was chosen for
+    case = mr_case_factory(descriptions={"T1 pre": "series 3", "FLAIR": "series 1",
+                                         "T1 post": "series 2"})
     row, _ = _bank(case, tmp_path, missing_sequence="error")
     assert row["status"] == "failed"
     lines = ["SeriesInstanceUID\tsequence"]
