@@ -3,8 +3,8 @@
 `idc-index` ships the IDC series index with the package (idc-index-data, pinned, so a query is
 reproducible and runs offline); its own downloader (s5cmd, from IDC's public buckets) fetches
 the files. Series are listed in the same columns as `tcia.list_series`, so the sequence choice
-(`tcia.select_series`) and the on-disk layout (`radiology/{case}/{uid}/*.dcm` plus
-`radiology/{case}/series.tsv`) are shared with the NBIA path.
+(`mgi.imaging.mri.choice`) and the on-disk layout (`radiology/{case}/{uid}/*.dcm`) are shared
+with the NBIA path.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mgi.acquire.http import replace_dir, temporary_dir
-from mgi.acquire.series import FAILURE_COLUMNS, SERIES_COLUMNS, write_series_tables
+from mgi.acquire.series import FAILURE_COLUMNS, SERIES_COLUMNS, cases_in_place
 from mgi.errors import AcquireError
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def download_radiology(
             failures.append({"case_id": row.PatientID, "SeriesInstanceUID": row.SeriesInstanceUID,
                              "sequence": row.sequence, "reason": reason})
     done = pd.DataFrame(ok, columns=selected.columns)
-    cases = write_series_tables(done, radiology_dir)
+    cases = cases_in_place(done, radiology_dir)
     log.info("IDC radiology: %d series of %d case(s) in place, %d failed", len(done),
              len(cases), len(failures))
     return cases, pd.DataFrame(failures, columns=FAILURE_COLUMNS)

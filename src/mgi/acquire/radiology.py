@@ -1,4 +1,13 @@
-"""A cohort's MR studies from either provider (TCIA's NBIA API or IDC), and their masks."""
+"""A cohort's MR studies from a provider (TCIA's NBIA API or IDC), the series chosen per
+sequence role from their DICOM tags, and the masks.
+
+What a provider's listing says (SeriesDescription, ImageCount) narrows what is fetched: series
+whose description can serve no role (DWI, perfusion, localizers...) are not downloaded. The
+choice itself needs the DICOM tags (plane, contrast agent, inversion time, ImageType), so it is
+made on the fetched files (`mgi.imaging.mri.choice`): each case's `radiology/{case}/series.tsv`
+names the series chosen per role, and `series_choice.tsv` beside the image table audits every
+series of every case (chosen, candidate, rejected and why, not downloaded).
+"""
 
 from __future__ import annotations
 
@@ -10,50 +19,118 @@ import pandas as pd
 import requests
 
 from mgi.acquire import idc, tcia
+from mgi.acquire.series import FAILURE_COLUMNS
 from mgi.errors import AcquireError
+from mgi.imaging.mri.choice import (
+    CHOICE_COLUMNS,
+    choose_series,
+    listing_candidates,
+    read_overrides,
+    scan_case,
+    write_series_table,
+)
 from mgi.layout import IMAGE_TABLE_COLUMNS
+from mgi.options import MriOptions, TciaOptions
 
 log = logging.getLogger(__name__)
 
+PROVIDERS = ("nbia", "idc", "folder")
+
+
+def _not_fetched(series: pd.DataFrame, fetched: pd.DataFrame) -> pd.DataFrame:
+    """Audit rows of the listed series that were not downloaded, and why."""
+    left = series[~series["SeriesInstanceUID"].isin(set(fetched["SeriesInstanceUID"]))]
+    reason = left["Modality"].map(
+        lambda m: "not MR" if str(m).upper() != "MR" else
+        "not downloaded: the description serves no sequence role, or too few images")
+    return pd.DataFrame({
+        "case_id": left["PatientID"], "SeriesInstanceUID": left["SeriesInstanceUID"],
+        "SeriesDescription": left["SeriesDescription"], "n_slices": left["ImageCount"],
+        "status": "not downloaded", "reason": reason,
+    }).reindex(columns=CHOICE_COLUMNS).fillna("")
+
+
+def choose_downloaded(
+    cases: dict[str, Path], *, options: MriOptions,
+    overrides: dict[tuple[str, str], str] | None = None,
+) -> tuple[dict[str, Path], pd.DataFrame, pd.DataFrame]:
+    """Choose each downloaded case's series per role from their DICOM tags.
+
+    Writes `radiology/{case}/series.tsv` for every case with at least one role filled; returns
+    those cases, the audit rows (CHOICE_COLUMNS) and a failure row per case with none.
+    """
+    overrides = overrides or {}
+    chosen, audits, failures = {}, [], []
+    for case_id, folder in sorted(cases.items()):
+        mine = {role: uid for (case, role), uid in overrides.items() if case == case_id}
+        choice = choose_series(scan_case(folder), case_id=case_id, options=options,
+                               overrides=mine)
+        audits.append(choice.table)
+        if choice.folders:
+            write_series_table(choice, folder / "series.tsv")
+            chosen[case_id] = folder
+        else:
+            (folder / "series.tsv").unlink(missing_ok=True)
+            log.error("case %s: no series for any sequence role: %s", case_id, choice.summary())
+            failures.append({"case_id": case_id, "SeriesInstanceUID": "", "sequence": "",
+                             "reason": f"no usable series: {choice.summary()}"})
+    audit = (pd.concat(audits, ignore_index=True) if audits
+             else pd.DataFrame(columns=CHOICE_COLUMNS))
+    return chosen, audit, pd.DataFrame(failures, columns=FAILURE_COLUMNS)
+
 
 def acquire_mri(
-    raw_dir: str | os.PathLike[str], *, case_ids: list[str], api_url: str, collection: str,
-    sequences: list[str], masks_url: str | None, parallel: int = 4, retries: int = 3,
-    backoff: float = 0.5, provider: str = "nbia", idc_client: object | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fetch the cases' MR series (and masks); return the image table rows and the failures.
+    raw_dir: str | os.PathLike[str], *, case_ids: list[str], tcia_options: TciaOptions,
+    mri: MriOptions, parallel: int = 4, retries: int = 3, backoff: float = 0.5,
+    idc_client: object | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Fetch the cases' MR series (and masks); return the image table rows, the failures and
+    the series-choice audit (CHOICE_COLUMNS).
 
-    `provider` "nbia" asks TCIA's NBIA API at `api_url`; "idc" lists the series in the
-    Imaging Data Commons index (idc-index, offline) and fetches them with its downloader.
-    One image row per case with at least one series in place: image_id = case_id,
-    path `radiology/{case_id}`, mask_path `masks/{case_id}` when masks were found, else ''.
+    `tcia_options.provider` "nbia" asks TCIA's NBIA API at `api_url`; "idc" lists the series in
+    the Imaging Data Commons index (idc-index, offline) and fetches them with its downloader.
+    One image row per case with at least one role filled: image_id = case_id, path
+    `radiology/{case_id}`, mask_path `masks/{case_id}` when masks were found, else ''.
     """
     raw_dir = Path(raw_dir)
-    if provider not in ("nbia", "idc"):
-        raise AcquireError(f"sources.tcia.provider: {provider!r}; expected 'nbia' or 'idc'")
+    provider = tcia_options.provider
+    if provider not in PROVIDERS:
+        raise AcquireError(f"sources.tcia.provider: {provider!r}; expected one of {PROVIDERS}")
+    overrides = read_overrides(Path(mri.series_overrides)) if mri.series_overrides else {}
+    collection, api_url = tcia_options.collection, tcia_options.api_url
     with requests.Session() as session:
         if provider == "idc":
             series = idc.list_series(collection=collection, patient_ids=case_ids,
                                      idc=idc_client)
         else:
-            series = tcia.list_series(session, api_url, collection=collection, patient_ids=case_ids,
-                                 retries=retries, backoff=backoff)
-        selected = tcia.select_series(series, sequences=sequences)
-        without = sorted(set(case_ids) - set(selected["PatientID"]))
+            series = tcia.list_series(session, api_url, collection=collection,
+                                      patient_ids=case_ids, retries=retries, backoff=backoff)
+        wanted = listing_candidates(series, options=mri)
+        forced = series[series["SeriesInstanceUID"].isin(set(overrides.values()))
+                        & ~series["SeriesInstanceUID"].isin(set(wanted["SeriesInstanceUID"]))]
+        wanted = pd.concat([wanted, forced.assign(roles="override")], ignore_index=True)
+        wanted = wanted.assign(sequence=wanted["roles"])  # failure rows name what it was for
+        without = sorted(set(case_ids) - set(wanted["PatientID"]))
         if without:
-            log.warning("%d case(s) have no MR series matching %s in %s: %s", len(without),
-                        sequences, collection, without[:10])
+            log.warning("%d case(s) have no MR series that could serve %s in %s: %s",
+                        len(without), list(mri.sequences), collection, without[:10])
         if provider == "idc":
-            cases, failures = idc.download_radiology(selected, raw_dir / "radiology",
+            cases, failures = idc.download_radiology(wanted, raw_dir / "radiology",
                                                      idc=idc_client)
         else:
             cases, failures = tcia.download_radiology(
-                selected, raw_dir / "radiology", api_url=api_url, parallel=parallel,
+                wanted, raw_dir / "radiology", api_url=api_url, parallel=parallel,
                 retries=retries, backoff=backoff)
-        masks = (tcia.copy_masks(masks_url, raw_dir / "masks", case_ids=list(cases),
+        chosen, audit, unusable = choose_downloaded(cases, options=mri, overrides=overrides)
+        masks_url = tcia_options.masks_url
+        masks = (tcia.copy_masks(masks_url, raw_dir / "masks", case_ids=list(chosen),
                                  session=session) if masks_url else {})
+    audit = pd.concat([audit, _not_fetched(series, wanted)], ignore_index=True)
+    audit = audit.sort_values(["case_id", "status", "SeriesInstanceUID"], kind="stable")
     rows = [{"image_id": case_id, "case_id": case_id, "modality": "mri",
              "path": f"radiology/{case_id}",
              "mask_path": f"masks/{masks[case_id].name}" if case_id in masks else ""}
-            for case_id in sorted(cases)]
-    return pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS), failures
+            for case_id in sorted(chosen)]
+    failures = pd.concat([failures, unusable], ignore_index=True)
+    return (pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS), failures,
+            audit.reset_index(drop=True))

@@ -155,13 +155,13 @@ def image_table(settings: AcquireSettings, args: argparse.Namespace) -> None:
         tcia_settings = settings.sources.tcia
         cases = sorted(set(manifest.loc[manifest["data_type"] == gdc.EXPRESSION_DATA_TYPE,
                                         "case_id"]))
-        table, failures = radiology.acquire_mri(
-            raw_dir, case_ids=cases, api_url=tcia_settings.api_url,
-            collection=tcia_settings.collection, sequences=list(settings.imaging.mri.sequences),
-            masks_url=tcia_settings.masks_url, provider=tcia_settings.provider,
+        table, failures, audit = radiology.acquire_mri(
+            raw_dir, case_ids=cases, tcia_options=tcia_settings, mri=settings.imaging.mri,
             # sources.tcia has no `parallel`; the GDC's "files downloaded at once" serves both
             parallel=settings.sources.gdc.parallel)
         write_tsv(failures, images_path.with_name("image_failures.tsv"))
+        write_tsv(audit, images_path.with_name("series_choice.tsv"))
+        log.info("series choice per case and role: %s", images_path.with_name("series_choice.tsv"))
     else:
         raise AcquireError(f"imaging.modality: {modality!r}, expected 'mri' or 'wsi'")
     if table.empty:

@@ -2,9 +2,7 @@
 
 `getSeries?Collection=...` lists a collection's series (JSON: SeriesInstanceUID, PatientID,
 Modality, SeriesDescription, ImageCount, ...); `getImage?SeriesInstanceUID=...` returns one
-series as a zip of DICOM files. A case's series land in `radiology/{case_id}/{uid}/`, beside a
-`series.tsv` that maps each SeriesInstanceUID to the configured sequence name it was chosen for,
-since real SeriesDescriptions ("AX FLAIR", "T1_POST_GD") are not the configured names.
+series as a zip of DICOM files. A case's series land in `radiology/{case_id}/{uid}/`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from mgi.acquire.http import (
 from mgi.acquire.series import (
     FAILURE_COLUMNS,
     SERIES_COLUMNS,
-    write_series_tables,
+    cases_in_place,
 )
 from mgi.errors import AcquireError
 from mgi.io import atomic_path
@@ -81,36 +79,6 @@ def list_series(
     log.info("NBIA %s: %d series of %d patient(s)", collection, len(table),
              table["PatientID"].nunique())
     return table.reset_index(drop=True)
-
-
-def select_series(series: pd.DataFrame, *, sequences: list[str]) -> pd.DataFrame:
-    """Return one MR series per (patient, configured sequence), with a `sequence` column.
-
-    A series is a candidate for a sequence when its Modality is MR and the sequence name is
-    contained in its SeriesDescription, both compared case-insensitively with punctuation as
-    spaces ("FLAIR" matches "AX FLAIR", "T1 post" matches "T1_POST_GD"). A series matching
-    several names counts for the longest (most specific) one, so "T1" does not take the
-    "T1 post" series. Per (patient, sequence) the series with the most images is kept, ties
-    going to the smallest SeriesInstanceUID. Rows are sorted by patient, then sequence order.
-    """
-    names = {name: _norm(name) for name in sequences}
-    if not names or not all(names.values()):
-        raise AcquireError(f"imaging.mri.sequences: {sequences!r}; expected series description "
-                           "names with at least one letter or digit each")
-    by_length = sorted(sequences, key=lambda n: (-len(names[n]), sequences.index(n)))
-
-    def sequence_of(description: str) -> str | None:
-        text = _norm(description)
-        return next((n for n in by_length if names[n] in text), None)
-
-    mr = series[series["Modality"].str.upper() == "MR"]
-    chosen = mr.assign(sequence=mr["SeriesDescription"].map(sequence_of)).dropna(
-        subset=["sequence"])
-    chosen = chosen.assign(_order=chosen["sequence"].map(sequences.index))
-    chosen = chosen.sort_values(["PatientID", "_order", "ImageCount", "SeriesInstanceUID"],
-                                ascending=[True, True, False, True])
-    chosen = chosen.drop_duplicates(["PatientID", "sequence"]).drop(columns="_order")
-    return chosen.reset_index(drop=True)
 
 
 def _count_dicom(folder: Path) -> int:
@@ -166,9 +134,9 @@ def download_radiology(
 ) -> tuple[dict[str, Path], pd.DataFrame]:
     """Download the selected series per case; return {case_id: case folder} and the failures.
 
-    Writes `radiology/{case_id}/{uid}/*.dcm` and `radiology/{case_id}/series.tsv`
-    (SERIES_TABLE_COLUMNS) for each case with at least one series; failures (FAILURE_COLUMNS)
-    are series that could not be fetched whole.
+    Writes `radiology/{case_id}/{uid}/*.dcm`; failures (FAILURE_COLUMNS) are series that could
+    not be fetched whole. Which series feeds which sequence is chosen afterwards, from the
+    files' DICOM tags (`radiology.acquire_mri`).
     """
     radiology_dir = Path(radiology_dir)
     jobs = list(selected.itertuples(index=False))
@@ -193,7 +161,7 @@ def download_radiology(
          for row, reason in zip(jobs, reasons, strict=True) if reason],
         columns=FAILURE_COLUMNS,
     )
-    cases = write_series_tables(ok, radiology_dir)
+    cases = cases_in_place(ok, radiology_dir)
     log.info("radiology: %d series of %d case(s) in place, %d failed", len(ok), len(cases),
              len(failures))
     return cases, failures
