@@ -160,7 +160,9 @@ def image_table(settings: AcquireSettings, args: argparse.Namespace) -> None:
             collection=tcia_settings.collection, sequences=list(settings.imaging.mri.sequences),
             masks_url=tcia_settings.masks_url, provider=tcia_settings.provider,
             # sources.tcia has no `parallel`; the GDC's "files downloaded at once" serves both
-            parallel=settings.sources.gdc.parallel)
+            parallel=settings.sources.gdc.parallel, folder=tcia_settings.folder,
+            layout=tcia_settings.layout, nifti_labels=tcia_settings.nifti_labels,
+            options=settings.imaging.mri)
         write_tsv(failures, images_path.with_name("image_failures.tsv"))
     else:
         raise AcquireError(f"imaging.modality: {modality!r}, expected 'mri' or 'wsi'")
