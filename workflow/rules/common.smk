@@ -31,8 +31,8 @@ VARIANT_THREADS = max(1, workflow.cores // len(config["finetune"]["variants"]))
 
 
 def raw(path):
-    """Path under data/{cohort}/raw/."""
-    return f"data/{COHORT}/raw/{path}"
+    """Path under data/{cohort}/raw/ (an absolute path, images read in place, as it is)."""
+    return os.path.join(f"data/{COHORT}/raw", path)
 
 
 def results(path):

@@ -1,5 +1,5 @@
-"""A cohort's MR studies from a provider (TCIA's NBIA API or IDC), the series chosen per
-sequence role from their DICOM tags, and the masks.
+"""A cohort's MR studies from a provider (TCIA's NBIA API, IDC, or a folder on disk), the
+series chosen per sequence role from their DICOM tags, and the masks.
 
 What a provider's listing says (SeriesDescription, ImageCount) narrows what is fetched: series
 whose description can serve no role (DWI, perfusion, localizers...) are not downloaded. The
@@ -88,7 +88,9 @@ def acquire_mri(
     the series-choice audit (CHOICE_COLUMNS).
 
     `tcia_options.provider` "nbia" asks TCIA's NBIA API at `api_url`; "idc" lists the series in
-    the Imaging Data Commons index (idc-index, offline) and fetches them with its downloader.
+    the Imaging Data Commons index (idc-index, offline) and fetches them with its downloader;
+    "folder" reads the images already in `tcia_options.folder` (a relative one from the working
+    directory) in `tcia_options.layout`, without network or collection (`mgi.acquire.folder`).
     One image row per case with at least one role filled: image_id = case_id, path
     `radiology/{case_id}`, mask_path `masks/{case_id}` when masks were found, else ''.
     """
@@ -96,6 +98,8 @@ def acquire_mri(
     provider = tcia_options.provider
     if provider not in PROVIDERS:
         raise AcquireError(f"sources.tcia.provider: {provider!r}; expected one of {PROVIDERS}")
+    if provider == "folder":
+        return _from_folder(raw_dir, case_ids=case_ids, tcia_options=tcia_options, mri=mri)
     overrides = read_overrides(Path(mri.series_overrides)) if mri.series_overrides else {}
     collection, api_url = tcia_options.collection, tcia_options.api_url
     with requests.Session() as session:
@@ -134,3 +138,27 @@ def acquire_mri(
     failures = pd.concat([failures, unusable], ignore_index=True)
     return (pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS), failures,
             audit.reset_index(drop=True))
+
+
+def _from_folder(
+    raw_dir: Path, *, case_ids: list[str], tcia_options: TciaOptions, mri: MriOptions,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The folder provider's rows; masks_url fills the mask of cases whose folder has none."""
+    folder = tcia_options.folder
+    if not folder:
+        raise AcquireError("sources.tcia.folder: not set; provider 'folder' needs the folder "
+                           "holding one subfolder per patient")
+    from mgi.acquire.folder import folder_images
+
+    root = Path(folder) if Path(folder).is_absolute() else Path.cwd() / folder
+    rows, failures, audit = folder_images(root, layout=tcia_options.layout, case_ids=case_ids,
+                                          nifti_labels=tcia_options.nifti_labels,
+                                          raw_dir=raw_dir, options=mri)
+    masks_url = tcia_options.masks_url
+    if masks_url:
+        without = rows.loc[rows["mask_path"] == "", "case_id"].tolist()
+        masks = tcia.copy_masks(masks_url, raw_dir / "masks", case_ids=without) if without \
+            else {}
+        found = rows["case_id"].map(lambda c: f"masks/{masks[c].name}" if c in masks else "")
+        rows["mask_path"] = rows["mask_path"].where(rows["mask_path"] != "", found)
+    return rows, failures, audit.reindex(columns=CHOICE_COLUMNS).fillna("")
