@@ -297,3 +297,23 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
     monkeypatch.setattr(acquire_http.time, "sleep", slept.append)
     return slept
+
+
+def study_listing(truth, *, collection: str = "TCGA-LGG") -> list[dict]:
+    """A generated study's series as NBIA's getSeries lists them (one row per series)."""
+    rows = []
+    for uid, series in sorted(truth.series.items()):
+        files = sorted(p for p in series.folder.iterdir() if p.suffix == ".dcm")
+        rows.append({"SeriesInstanceUID": uid, "PatientID": truth.case_id, "Modality": "MR",
+                     "SeriesDescription": series.description, "ImageCount": len(files),
+                     "Collection": collection, "StudyInstanceUID": series.study_uid})
+    return rows
+
+
+def zip_folder(folder) -> bytes:
+    """The .dcm files of a series folder as the zip NBIA's getImage answers."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.glob("*.dcm")):
+            archive.write(path, arcname=path.name)
+    return buffer.getvalue()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mgi.acquire import idc, radiology
-from mgi.acquire.series import SERIES_COLUMNS, SERIES_TABLE_COLUMNS
+from mgi.acquire.series import SERIES_COLUMNS
+from mgi.acquire.studies import write_study
 from mgi.errors import AcquireError
 from mgi.io import read_tsv
+from mgi.options import MriOptions, TciaOptions
+from tests.acquire.conftest import study_listing
 
 
 @pytest.fixture(scope="module")
@@ -34,56 +38,64 @@ def test_real_tcga_collection_is_listed_offline(real_client):
 
 
 class FakeIdc:
-    """An idc-index stand-in: an index table, and a downloader writing n files per series."""
+    """An idc-index stand-in: an index table, and a downloader copying the series' files."""
 
-    def __init__(self, rows: list[dict], *, short: set[str] = frozenset()) -> None:
+    def __init__(self, truths: list, *, short: set[str] = frozenset()) -> None:
+        rows = [{"collection_id": "tcga_gbm", "instanceCount": r.pop("ImageCount"), **r}
+                for truth in truths for r in study_listing(truth, collection="TCGA-GBM")]
         self.index = pd.DataFrame(rows)
+        self.folders = {uid: s.folder for truth in truths for uid, s in truth.series.items()}
         self.short, self.calls = set(short), []
 
     def download_from_selection(self, *, downloadDir, seriesInstanceUID, dirTemplate, **_):
         uid = seriesInstanceUID[0]
         self.calls.append(uid)
         assert dirTemplate == "%SeriesInstanceUID"
-        count = int(self.index.set_index("SeriesInstanceUID").loc[uid, "instanceCount"])
         folder = Path(downloadDir) / uid
         folder.mkdir(parents=True)
-        for k in range(count - (uid in self.short)):
-            (folder / f"{k:04d}.dcm").write_bytes(b"DICM")
-
-
-def _row(uid: str, patient: str, description: str, count: int = 3) -> dict:
-    return {"collection_id": "tcga_gbm", "PatientID": patient, "SeriesInstanceUID": uid,
-            "Modality": "MR", "SeriesDescription": description, "instanceCount": count}
+        files = sorted(self.folders[uid].glob("*.dcm"))
+        for path in files[:len(files) - (uid in self.short)]:
+            shutil.copyfile(path, folder / path.name)
 
 
 def test_idc_series_land_in_the_radiology_layout_and_bad_ones_are_reported(tmp_path):
-    fake = FakeIdc([_row("1.1", "TCGA-AA-0001", "AX FLAIR"), _row("1.2", "TCGA-AA-0001", "T1 post"),
-                    _row("2.1", "TCGA-AA-0002", "FLAIR", count=4),
-                    _row("3.1", "TCGA-AA-0003", "FLAIR")], short={"2.1"})
-    table, failures = radiology.acquire_mri(
-        tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002", "TCGA-AA-0009"], api_url="unused",
-        collection="TCGA-GBM", sequences=["FLAIR", "T1 post"], masks_url=None,
-        provider="idc", idc_client=fake)
+    one = write_study(tmp_path / "studies", case_id="TCGA-AA-0001", kind="standard", site="ge")
+    two = write_study(tmp_path / "studies", case_id="TCGA-AA-0002", kind="no_post",
+                      site="philips")
+    flair = two.roles["FLAIR"]
+    fake = FakeIdc([one, two], short={flair})
+    mri = MriOptions(sequences=("FLAIR", "T1 post"))
+    tcia_options = TciaOptions(provider="idc", collection="TCGA-GBM")
+    table, failures, audit = radiology.acquire_mri(
+        tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002", "TCGA-AA-0009"],
+        tcia_options=tcia_options, mri=mri, idc_client=fake)
     assert table["case_id"].tolist() == ["TCGA-AA-0001"]
     assert table["path"].tolist() == ["radiology/TCGA-AA-0001"]
     case = tmp_path / "radiology" / "TCGA-AA-0001"
-    assert sorted(p.name for p in (case / "1.1").iterdir()) == ["0000.dcm", "0001.dcm",
-                                                                "0002.dcm"]
-    listed = read_tsv(case / "series.tsv", required=SERIES_TABLE_COLUMNS)
-    assert listed["sequence"].tolist() == ["FLAIR", "T1 post"]
-    assert failures["SeriesInstanceUID"].tolist() == ["2.1"]
-    assert "3 .dcm file(s) arrived, the index says 4" in failures["reason"][0]
-    assert not (tmp_path / "radiology" / "TCGA-AA-0002" / "2.1").exists()  # nothing half-kept
+    listed = read_tsv(case / "series.tsv", required=["SeriesInstanceUID", "sequence", "path"])
+    assert dict(zip(listed["sequence"], listed["SeriesInstanceUID"], strict=True)) == {
+        r: one.roles[r] for r in ("FLAIR", "T1 post")}
+    assert (case / one.roles["FLAIR"]).is_dir()
+    # the second patient's only FLAIR failed to arrive and the study has no post-contrast T1:
+    # no role can be filled, so the patient is a failure row, not an image
+    assert failures["SeriesInstanceUID"].tolist() == [flair, ""]
+    assert "file(s) arrived, the index says" in failures["reason"][0]
+    assert failures["case_id"].tolist()[1] == "TCGA-AA-0002"
+    assert failures["reason"].tolist()[1].startswith("no usable series: FLAIR: ")
+    assert not (tmp_path / "radiology" / "TCGA-AA-0002" / flair).exists()  # nothing half-kept
+    assert not (tmp_path / "radiology" / "TCGA-AA-0002" / "series.tsv").exists()
+    assert set(audit["case_id"]) == {"TCGA-AA-0001", "TCGA-AA-0002"}
+    assert audit.loc[audit["SeriesInstanceUID"] == flair, "reason"].str.contains(
+        "download failed").all()
     # a second run finds the series in place and fetches only the failed one again
     fake.calls.clear()
-    radiology.acquire_mri(tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002"], api_url="unused",
-                     collection="TCGA-GBM", sequences=["FLAIR", "T1 post"], masks_url=None,
-                     provider="idc", idc_client=fake)
-    assert fake.calls == ["2.1"]
+    radiology.acquire_mri(tmp_path, case_ids=["TCGA-AA-0001", "TCGA-AA-0002"],
+                          tcia_options=tcia_options, mri=mri, idc_client=fake)
+    assert fake.calls == [flair]
 
 
 def test_collection_names_map_to_idc_ids_and_providers_are_checked(tmp_path):
     assert idc.collection_id("TCGA-LGG") == "tcga_lgg"
-    with pytest.raises(AcquireError, match="provider: 'xnat'; expected 'nbia' or 'idc'"):
-        radiology.acquire_mri(tmp_path, case_ids=[], api_url="", collection="TCGA-LGG",
-                         sequences=["FLAIR"], masks_url=None, provider="xnat")
+    with pytest.raises(AcquireError, match="provider: 'xnat'; expected one of"):
+        radiology.acquire_mri(tmp_path, case_ids=[], tcia_options=TciaOptions(provider="xnat"),
+                              mri=MriOptions())

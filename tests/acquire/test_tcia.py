@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import zipfile
 
-import pandas as pd
 import pytest
 import requests
 
 from mgi.acquire import remote, tcia
 from mgi.acquire.series import FAILURE_COLUMNS, SERIES_COLUMNS
+from mgi.acquire.studies import write_study
 from mgi.errors import AcquireError
 from mgi.io import read_tsv
 from mgi.layout import IMAGE_TABLE_COLUMNS
+from tests.acquire.conftest import study_listing, zip_folder
 
 SEQUENCES = ["T1 pre", "FLAIR", "T1 post"]
 
@@ -26,31 +29,6 @@ def _series(uid: str, patient: str, description: str, count: int, modality: str 
 
 def _dcm_zip(api, n: int, *, extra: dict[str, bytes] | None = None) -> bytes:
     return api.zip({f"1-{i + 1:02d}.dcm": b"DICM" + bytes([i]) for i in range(n)} | (extra or {}))
-
-
-def test_select_series_by_description():
-    series = pd.DataFrame([
-        _series("1.1", "P1", "AX FLAIR", 20),
-        _series("1.2", "P1", "flair_ax", 24),            # more images: wins FLAIR
-        _series("1.3", "P1", "AX T1 PRE", 24),
-        _series("1.4", "P1", "T1_POST_GD", 24),
-        _series("1.5", "P1", "AX T2", 24),                # no configured name
-        _series("1.6", "P1", "FLAIR recon", 99, "CT"),    # not MR
-        _series("2.2", "P2", "SAG FLAIR", 30),
-        _series("2.1", "P2", "SAG FLAIR", 30),            # tie: smallest uid
-    ])
-    chosen = tcia.select_series(series, sequences=SEQUENCES)
-    got = {(r.PatientID, r.sequence): r.SeriesInstanceUID for r in chosen.itertuples()}
-    assert got == {("P1", "T1 pre"): "1.3", ("P1", "FLAIR"): "1.2", ("P1", "T1 post"): "1.4",
-                   ("P2", "FLAIR"): "2.1"}
-    assert chosen[chosen["PatientID"] == "P1"]["sequence"].tolist() == SEQUENCES
-
-
-def test_a_series_goes_to_the_most_specific_name():
-    series = pd.DataFrame([_series("1", "P", "AX T1 POST", 20), _series("2", "P", "AX T1", 20)])
-    chosen = tcia.select_series(series, sequences=["T1", "T1 post"])
-    assert dict(zip(chosen["sequence"], chosen["SeriesInstanceUID"], strict=True)) == {
-        "T1": "2", "T1 post": "1"}
 
 
 def test_list_series_keeps_the_cohort_patients(fake_api):
@@ -193,32 +171,58 @@ def _run_images(fake_api, tmp_path, *, modality: str, manifest_rows: list[dict],
     return args
 
 
-def test_images_mri_writes_series_tables_masks_and_failures(fake_api, tmp_path, sleeps):
+def test_images_mri_fetches_candidates_chooses_by_tags_and_audits(fake_api, tmp_path, sleeps):
+    truths = {case: write_study(tmp_path / "studies", case_id=case, kind=kind, site=site)
+              for case, kind, site in [("TCGA-CS-4941", "standard", "ge"),
+                                       ("TCGA-CS-0002", "t1_flair", "terse")]}
     rows = [fake_api.add_file(f"e{i}", b"x", case_id=c)
-            for i, c in enumerate(["TCGA-CS-4941", "TCGA-CS-0002", "TCGA-CS-0003"])]
-    fake_api.series = [
-        _series("1.1", "TCGA-CS-4941", "AX FLAIR", 2), _series("1.2", "TCGA-CS-4941", "T1 POST", 2),
-        _series("2.1", "TCGA-CS-0002", "FLAIR", 3),        # served short: fails
-        _series("9.1", "TCGA-ZZ-0009", "FLAIR", 2),        # not in the cohort
-    ]
-    fake_api.zips = {"1.1": [_dcm_zip(fake_api, 2)], "1.2": [_dcm_zip(fake_api, 2)],
-                     "2.1": [_dcm_zip(fake_api, 1)]}
+            for i, c in enumerate([*truths, "TCGA-CS-0003"])]
+    fake_api.series = [row for truth in truths.values() for row in study_listing(truth)]
+    fake_api.series.append({**fake_api.series[0], "PatientID": "TCGA-ZZ-0009",
+                            "SeriesInstanceUID": "9.9"})  # not in the cohort
+    for truth in truths.values():
+        for uid, series in truth.series.items():
+            fake_api.zips[uid] = [zip_folder(series.folder)]
+    short = truths["TCGA-CS-0002"].roles["T1 post"]  # served one file short: fails
+    fake_api.zips[short] = [api_zip_without_one(fake_api.zips[short][0])] * 5
     _write_lgg(tmp_path / "lgg", "TCGA_CS_4941_19960909", [1, 2])
     _run_images(fake_api, tmp_path, modality="mri", manifest_rows=rows,
                 masks_url=str(tmp_path / "lgg"))
 
     raw = tmp_path / "raw"
     images = read_tsv(raw / "images.tsv", required=IMAGE_TABLE_COLUMNS)
-    assert list(images.columns) == IMAGE_TABLE_COLUMNS
-    assert images.to_dict("records") == [{
-        "image_id": "TCGA-CS-4941", "case_id": "TCGA-CS-4941", "modality": "mri",
-        "path": "radiology/TCGA-CS-4941", "mask_path": "masks/TCGA-CS-4941"}]
-    series = read_tsv(raw / "radiology/TCGA-CS-4941/series.tsv")
-    assert dict(zip(series["SeriesInstanceUID"], series["sequence"], strict=True)) == {
-        "1.1": "FLAIR", "1.2": "T1 post"}
-    assert len(list((raw / "radiology/TCGA-CS-4941/1.1").glob("*.dcm"))) == 2
+    assert images.to_dict("records") == [
+        {"image_id": c, "case_id": c, "modality": "mri", "path": f"radiology/{c}",
+         "mask_path": "masks/TCGA-CS-4941" if c == "TCGA-CS-4941" else ""}
+        for c in ["TCGA-CS-0002", "TCGA-CS-4941"]]
+    # each role's series, chosen from the tags, is the one the study was written with
+    chosen = {}
+    for case in truths:
+        table = read_tsv(raw / f"radiology/{case}/series.tsv")
+        chosen[case] = dict(zip(table["sequence"], table["SeriesInstanceUID"], strict=True))
+    assert chosen["TCGA-CS-4941"] == {r: truths["TCGA-CS-4941"].roles[r] for r in SEQUENCES}
+    # the axial post-contrast T1 that failed to download gives way to the coronal one
+    other = truths["TCGA-CS-0002"]
+    assert {r: chosen["TCGA-CS-0002"][r] for r in ("T1 pre", "FLAIR")} == {
+        r: other.roles[r] for r in ("T1 pre", "FLAIR")}
+    stand_in = other.series[chosen["TCGA-CS-0002"]["T1 post"]]
+    assert stand_in.spec.contrast == "t1post" and stand_in.spec.plane == "coronal"
+    # only series whose description could serve a role were fetched: no localizer, DWI, ADC
+    fetched = {s.query["SeriesInstanceUID"][0] for s in fake_api.requests_to("/getImage")}
+    described = {uid: s.description for t in truths.values() for uid, s in t.series.items()}
+    assert not any(word in described[uid].upper() for uid in fetched
+                   for word in ("LOC", "DWI", "ADC"))
+    # the audit lists every series of every case, with a status and a reason
+    audit = read_tsv(raw / "series_choice.tsv", required=["case_id", "SeriesInstanceUID",
+                                                          "status", "reason", "sequence"])
+    assert set(audit["SeriesInstanceUID"]) == set(described)
+    assert {"chosen", "candidate", "not downloaded"} <= set(audit["status"])
+    # the T1-weighted FLAIR (TI about 800 ms) serves as the T1, never as the FLAIR
+    trap = next(uid for uid, s in other.series.items() if s.spec.contrast == "t1flair")
+    row = audit[audit["SeriesInstanceUID"] == trap].iloc[0]
+    assert (row["status"], row["sequence"]) == ("chosen", "T1 pre")
     failures = read_tsv(raw / "image_failures.tsv", required=FAILURE_COLUMNS)
-    assert failures["SeriesInstanceUID"].tolist() == ["2.1"]
+    assert failures["SeriesInstanceUID"].tolist() == [short]
     assert len(list((raw / "masks/TCGA-CS-4941").iterdir())) == 2
     assert (raw / "slides").is_dir()
 
@@ -241,3 +245,13 @@ def test_images_fails_clearly_without_any_image(fake_api, tmp_path):
     expr = fake_api.add_file("e1", b"x", case_id="C1")
     with pytest.raises(AcquireError, match="no mri image"):
         _run_images(fake_api, tmp_path, modality="mri", manifest_rows=[expr])
+
+
+def api_zip_without_one(archive: bytes) -> bytes:
+    """The same zip less its last member (a series served short)."""
+    source = zipfile.ZipFile(io.BytesIO(archive))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as out:
+        for name in source.namelist()[:-1]:
+            out.writestr(name, source.read(name))
+    return buffer.getvalue()

@@ -2,28 +2,30 @@
 
 The cohort config is the shipped `cohorts/tcga-lgg.yaml`; only the API addresses, the mask
 source and a few sizes are overridden, by a second config file after it, as a user would.
-The server serves a small synthetic cohort in the real formats (STAR files, DICOM zips, LGG
-mask folders); Snakemake then queries, downloads, builds the expression matrix, fetches and
-banks the MR series, splits the patients and builds the gene sequences.
+The server serves a small synthetic cohort in the real formats: STAR files, and per patient a
+realistic MR study (`mgi.acquire.studies`: localizers, DWI and ADC, sagittal and coronal
+distractors, site-specific names, a T1-weighted FLAIR trap, a 3-D sagittal post-contrast T1,
+series on other grids, motion, another frame of reference) as DICOM zips, plus LGG mask folders.
+Snakemake then queries, downloads, chooses each patient's series per role from the DICOM tags,
+registers and banks them, splits the patients and builds the gene sequences.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import shutil
 import threading
-import zipfile
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
-import pydicom
 import pytest
 import yaml
 
+from mgi.acquire.studies import StudyTruth, write_cohort_studies
 from mgi.acquire.synthetic import SyntheticCohortConfig, write_cohort
-from tests.acquire.conftest import FakeApi, _Handler
+from tests.acquire.conftest import FakeApi, _Handler, study_listing, zip_folder
 
 from .conftest import REPO, make_workdir, run
 
@@ -33,18 +35,13 @@ COHORT = SyntheticCohortConfig(n_cases=8, n_genes=80, n_linked_genes=5, slices=6
                                n_slides=0, seed=4)
 
 
-def _zip_series(files: list[Path]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for path in files:
-            zf.write(path, arcname=path.name)
-    return buffer.getvalue()
-
-
-def serve_cohort(api: FakeApi, raw: Path, labels: Path) -> list[str]:
-    """Fill the fake API from a synthetic cohort written in `raw`; LGG masks into `labels`."""
+def serve_cohort(api: FakeApi, raw: Path, studies: Path, labels: Path) -> dict[str, StudyTruth]:
+    """Fill the fake API: the synthetic cohort's STAR files (written in `raw`) from the GDC, and
+    for each case a realistic MR study (written in `studies`: many series, site-specific names,
+    traps, other grids) from TCIA; LGG-style FLAIR masks into `labels`."""
     manifest = pd.read_csv(raw / "manifest.tsv", sep="\t", dtype=str)
-    cases = []
+    case_ids = sorted(manifest["case_id"])
+    truths = write_cohort_studies(studies, case_ids=case_ids, seed=4, size=32)
     for row in manifest.itertuples():
         content = (raw / row.path).read_bytes()
         hit = api.file_hit(row.id, case_id=row.case_id, sample=f"{row.case_id}-01A",
@@ -52,24 +49,21 @@ def serve_cohort(api: FakeApi, raw: Path, labels: Path) -> list[str]:
         hit["file_name"] = row.filename
         api.file_hits.append(hit)
         api.files[row.id] = content
-        cases.append(row.case_id)
         api.case_hits.append({"submitter_id": row.case_id, "project": {"project_id": "TCGA-LGG"},
                               "disease_type": "Gliomas", "demographic": {"gender": "female"},
                               "diagnoses": [{"age_at_diagnosis": 12000}]})
-        for folder in sorted((raw / "radiology" / row.case_id).iterdir()):
-            files = sorted(folder.glob("*.dcm"))
-            first = pydicom.dcmread(files[0], stop_before_pixels=True)
-            api.series.append({"SeriesInstanceUID": first.SeriesInstanceUID,
-                               "PatientID": row.case_id, "Modality": "MR",
-                               "SeriesDescription": first.SeriesDescription,
-                               "ImageCount": len(files), "Collection": "TCGA-LGG"})
-            api.zips[first.SeriesInstanceUID] = [_zip_series(files)]
+        truth = truths[row.case_id]
+        api.series.extend(study_listing(truth))
+        for uid, series in truth.series.items():
+            api.zips[uid] = [zip_folder(series.folder)]
         lgg = row.case_id.replace("-", "_") + "_19960909"
+        masks = truth.write_lgg_masks(labels / "written" / row.case_id)
         (labels / lgg).mkdir(parents=True)
-        for mask in (raw / "masks" / row.case_id).glob("*_mask.tif"):
+        for mask in sorted(masks.glob("*_mask.tif")):
             number = mask.name.removesuffix("_mask.tif").rsplit("_", 1)[1]
             shutil.copyfile(mask, labels / lgg / f"{lgg}_{number}_mask.tif")
-    return sorted(cases)
+    shutil.rmtree(labels / "written")
+    return truths
 
 
 @pytest.fixture
@@ -89,7 +83,8 @@ def local_api():
 def test_a_cohort_is_fetched_from_a_local_gdc_and_tcia(tmp_path: Path, local_api: FakeApi):
     source = tmp_path / "source"
     write_cohort(source, config=COHORT)
-    cases = serve_cohort(local_api, source, tmp_path / "labels")
+    truths = serve_cohort(local_api, source, tmp_path / "studies", tmp_path / "labels")
+    cases = sorted(truths)
 
     (tmp_path / "work").mkdir()
     work = make_workdir(tmp_path / "work", yaml.safe_load((REPO / "config.yaml").read_text()))
@@ -121,14 +116,27 @@ def test_a_cohort_is_fetched_from_a_local_gdc_and_tcia(tmp_path: Path, local_api
     images = pd.read_csv(raw / "images.tsv", sep="\t", dtype=str)
     assert sorted(images["case_id"]) == cases and images["mask_path"].str.len().gt(0).all()
     qc = pd.read_csv(work / "results/tcga-lgg/images/qc.tsv", sep="\t")
-    assert (qc["status"] == "ok").all() and len(qc) == len(cases)
+    assert (qc["status"] == "ok").all() and len(qc) == len(cases), qc["reason"].tolist()
+    # every role's series, chosen from the DICOM tags, is the one each study was written with
+    for case, truth in truths.items():
+        table = pd.read_csv(raw / "radiology" / case / "series.tsv", sep="\t", dtype=str)
+        chosen = dict(zip(table["sequence"], table["SeriesInstanceUID"], strict=True))
+        assert chosen == {r: truth.roles[r] for r in ("T1 pre", "FLAIR", "T1 post")
+                          if r in truth.roles}, (case, truth.kind)
+    audit = pd.read_csv(raw / "series_choice.tsv", sep="\t", dtype=str)
+    assert set(audit["SeriesInstanceUID"]) == {u for t in truths.values() for u in t.series}
+    # every channel on the FLAIR's grid, motion registered away (tcga-lgg: register rigid)
+    for case, metrics in zip(qc["case_id"], qc["registration"].map(json.loads), strict=True):
+        assert set(metrics) == {"T1 pre", "T1 post"} & set(truths[case].roles), case
     splits = pd.read_csv(work / "results/tcga-lgg/splits.tsv", sep="\t")
     assert sorted(splits["case_id"]) == cases
     # the requests went to the local server: queried, then downloaded, then the MR series
     paths = [seen.path for seen in local_api.seen]
     assert "/files" in paths and "/cases" in paths
     assert sum(p.startswith("/data/") for p in paths) == len(manifest)
-    assert sum(p.endswith("/getImage") for p in paths) == 3 * len(cases)
+    fetched = sum(p.endswith("/getImage") for p in paths)
+    listed = sum(len(t.series) for t in truths.values())
+    assert 3 * len(cases) <= fetched < listed  # what could serve a role, not every series
     # a rerun has nothing to do and fetches nothing
     before = len(local_api.seen)
     again = run([*args, "-n"], work)

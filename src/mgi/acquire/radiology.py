@@ -37,16 +37,25 @@ log = logging.getLogger(__name__)
 PROVIDERS = ("nbia", "idc", "folder")
 
 
-def _not_fetched(series: pd.DataFrame, fetched: pd.DataFrame) -> pd.DataFrame:
-    """Audit rows of the listed series that were not downloaded, and why."""
-    left = series[~series["SeriesInstanceUID"].isin(set(fetched["SeriesInstanceUID"]))]
-    reason = left["Modality"].map(
-        lambda m: "not MR" if str(m).upper() != "MR" else
-        "not downloaded: the description serves no sequence role, or too few images")
+def _not_fetched(series: pd.DataFrame, wanted: pd.DataFrame, failures: pd.DataFrame
+                 ) -> pd.DataFrame:
+    """Audit rows of the listed series that are not on disk, and why."""
+    failed = dict(zip(failures["SeriesInstanceUID"], failures["reason"], strict=True))
+    fetched = set(wanted["SeriesInstanceUID"]) - set(failed)
+    left = series[~series["SeriesInstanceUID"].isin(fetched)]
+
+    def why(row: pd.Series) -> str:
+        if row["SeriesInstanceUID"] in failed:
+            return f"download failed: {failed[row['SeriesInstanceUID']]}"
+        if str(row["Modality"]).upper() != "MR":
+            return "not MR"
+        return "not downloaded: the description serves no sequence role, or too few images"
+
+    reasons = left.apply(why, axis=1) if len(left) else pd.Series(dtype=str)
     return pd.DataFrame({
         "case_id": left["PatientID"], "SeriesInstanceUID": left["SeriesInstanceUID"],
         "SeriesDescription": left["SeriesDescription"], "n_slices": left["ImageCount"],
-        "status": "not downloaded", "reason": reason,
+        "status": "not downloaded", "reason": reasons,
     }).reindex(columns=CHOICE_COLUMNS).fillna("")
 
 
@@ -129,7 +138,7 @@ def acquire_mri(
         masks_url = tcia_options.masks_url
         masks = (tcia.copy_masks(masks_url, raw_dir / "masks", case_ids=list(chosen),
                                  session=session) if masks_url else {})
-    audit = pd.concat([audit, _not_fetched(series, wanted)], ignore_index=True)
+    audit = pd.concat([audit, _not_fetched(series, wanted, failures)], ignore_index=True)
     audit = audit.sort_values(["case_id", "status", "SeriesInstanceUID"], kind="stable")
     rows = [{"image_id": case_id, "case_id": case_id, "modality": "mri",
              "path": f"radiology/{case_id}",
