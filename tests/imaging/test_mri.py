@@ -259,6 +259,18 @@ def test_missing_sequence_error_gives_failed_bank(mr_case_factory, tmp_path):
     assert bank.attrs["status"] == "failed" and len(bank) == 0
 
 
+def test_a_study_without_its_flair_fails_naming_why(mr_case_factory, tmp_path):
+    case = mr_case_factory(sequences=("T1 pre", "T1 post"))
+    # slice masks are numbered by the FLAIR's slices: they cannot go on another series
+    row, _ = _bank(case, tmp_path, missing_sequence="zeros")
+    assert row["status"] == "failed"
+    assert "numbered by the slices of the 'FLAIR' series, but the study has none" in row["reason"]
+    # and FLAIR cannot stand in for the others when it is the one missing
+    case.mask_dir = None
+    row, _ = _bank(case, tmp_path, missing_sequence="flair")
+    assert row["status"] == "failed" and "'FLAIR', which replaces them, is missing" in row["reason"]
+
+
 def test_sequences_match_description_case_insensitively(mr_case_factory, tmp_path):
     case = mr_case_factory(descriptions={"FLAIR": "flair ", "T1 post": "t1 POST"})
     row, _ = _bank(case, tmp_path, missing_sequence="error")

@@ -74,7 +74,8 @@ def choose_downloaded(
         mine = {role: uid for (case, role), uid in overrides.items() if case == case_id}
         choice = choose_series(scan_case(folder), case_id=case_id, options=options,
                                overrides=mine)
-        audits.append(choice.table)
+        if not choice.table.empty:
+            audits.append(choice.table)
         if choice.folders:
             write_series_table(choice, folder / "series.tsv")
             chosen[case_id] = folder

@@ -3,11 +3,13 @@
 One module per concern:
 
 - `dicom`: DICOM MR series (classic and enhanced) read into volumes with their geometry;
-- `choice`: which series of a case feeds each configured sequence role (channel);
+- `choice`: which series of a study feeds each sequence role (channel), from the DICOM tags;
+- `grid`: every chosen series resampled (and optionally registered) onto the reference grid;
 - `masks`: tumour masks of three kinds (LGG slice TIFFs, NIfTI label maps, DICOM-SEG);
 - `normalise`: brain masks and per-volume intensity normalisation;
-- `lgg`: the LGG segmentation set's 3-channel slice TIFFs;
-- `build`: one case into its bank (`build_mri_bank`), a failed bank on bad data.
+- `lgg`, `nifti`: the LGG segmentation set's slice TIFFs and BraTS-style NIfTI volumes;
+- `build`: one case folder (any layout) into its bank (`build_mri_bank`), a failed bank on
+  bad data.
 """
 
 from mgi.imaging.mri.build import build_mri_bank

@@ -93,6 +93,11 @@ def load_dicom_case(
     masks, mask_source = None, "none"
     if mask_dir is not None:
         mask_source = mask_kind(mask_dir)
+        if mask_source == "tiff" and reference != options.reference:
+            # slice TIFFs are numbered by the InstanceNumber of the series they were drawn on
+            raise SeriesError(f"{mask_dir}: slice masks are numbered by the slices of the "
+                              f"{options.reference!r} series, but the study has none "
+                              f"({choice.reasons.get(options.reference, 'not found')})")
         masks = load_masks(mask_dir, ref)
     return CaseVolumes(
         channels=channels, reference=reference, z=ref.z, instance_numbers=ref.instance_numbers,
