@@ -45,6 +45,7 @@ def _expression(args: argparse.Namespace) -> None:
         clinical_path=Path(args.clinical),
         layers=args.layers,
         duplicates=args.duplicates,
+        matrix=Path(args.matrix) if args.matrix else None,
     )
     write_h5ad(adata, Path(args.out))
     log.info("expression matrix: %d cases x %d genes -> %s", adata.n_obs, adata.n_vars, args.out)
@@ -124,6 +125,7 @@ def _splits(args: argparse.Namespace) -> None:
         val_fraction=settings.splits.val_fraction,
         test_fraction=settings.splits.test_fraction,
         seed=settings.seed,
+        given_path=Path(args.given) if args.given else None,
     )
     write_tsv(splits, args.out)
     log.info("splits: %s", splits["split"].value_counts().to_dict())
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
 
     p = command("acquire", _acquire, "fetch a real cohort (GDC expression/slides, TCIA MRI)")
-    p.add_argument("action", choices=["gdc-query", "gdc-download", "images", "gtf"])
+    p.add_argument("action", choices=["gdc-query", "gdc-download", "images", "gtf", "local"])
     p.add_argument("--settings", required=True)
     p.add_argument("--manifest")
     p.add_argument("--clinical")
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="value layers besides the counts: tpm, fpkm, fpkm_uq")
     p.add_argument("--duplicates", default="choose", choices=["choose", "error"],
                    help="several profiles of a case: choose one by the manifest rule, or fail")
+    p.add_argument("--matrix", help="source local: the genes x samples matrix the manifest's "
+                   "rows name columns of (instead of STAR files)")
 
     p = command("sequences", _sequences, "AnnData to ordered gene token sequences")
     p.add_argument("--expression", required=True)
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qc", required=True)
     p.add_argument("--settings", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--given", help="splits fixed by the sample sheet (case_id, split); used "
+                   "instead of drawing them when it has rows")
 
     for name, func, help in [
         ("pretrain", _pretrain, "contrastive pre-training"),

@@ -95,11 +95,21 @@ class TciaOptions:
 
 
 @dataclass(frozen=True)
+class LocalOptions:
+    """sources.local: your own cohort, from a sample sheet (source local)."""
+
+    samples: str | None = default_of("sources.local.samples")
+    matrix: str | None = default_of("sources.local.matrix")
+    gtf: str | None = default_of("sources.local.gtf")
+
+
+@dataclass(frozen=True)
 class SourcesOptions:
-    """sources: the remote data sources of a real cohort."""
+    """sources: the data sources of a real cohort (remote, or a local sample sheet)."""
 
     gdc: GdcOptions = field(default_factory=GdcOptions)
     tcia: TciaOptions = field(default_factory=TciaOptions)
+    local: LocalOptions = field(default_factory=LocalOptions)
 
 
 @dataclass(frozen=True)
@@ -376,8 +386,8 @@ def _stage(name: str, reader: str, *sections: str) -> type:
 
 SynthesizeSettings = _stage("SynthesizeSettings", "`mgi synthesize`", "synthetic", "seed")
 SourcesSettings = _stage("SourcesSettings", "`mgi acquire gdc-download` and `gtf`", "sources")
-AcquireSettings = _stage("AcquireSettings", "`mgi acquire gdc-query` and `images`", "sources",
-                         "imaging")
+AcquireSettings = _stage("AcquireSettings", "`mgi acquire gdc-query`, `images` and `local`",
+                         "sources", "imaging")
 SequenceSettings = _stage("SequenceSettings", "`mgi sequences`", "expression")
 # the seed samples slide tiles and the stain reference's tiles
 ImagingSettings = _stage("ImagingSettings", "`mgi image` and `mgi stain-reference`", "imaging",

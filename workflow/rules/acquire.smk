@@ -1,4 +1,5 @@
-"""Raw data of the cohort: the embedded demo (source synthetic) or the GDC and TCIA (source gdc).
+"""Raw data of the cohort: the embedded demo (source synthetic), the GDC and TCIA (source gdc)
+or your own files named by a sample sheet (source local, read in place).
 
 Either way the stage ends in the same files, which every later stage reads: manifest.tsv (GDC
 files in gdc-client columns), clinical.tsv, images.tsv (one row per image: id, case, modality,
@@ -37,6 +38,36 @@ if config["source"] == "synthetic":
 
     IMAGE_TABLE = "synthesize"
     EXPRESSION_FILES = raw("expression")
+
+elif config["source"] == "local":
+
+    checkpoint local_cohort:
+        """The sample sheet's patients: their files checked and listed in place, none copied."""
+        input:
+            samples=config["sources"]["local"]["samples"],
+        output:
+            manifest=raw("manifest.tsv"),
+            clinical=raw("clinical.tsv"),
+            images=raw("images.tsv"),
+            splits=raw("given_splits.tsv"),
+            failures=raw("expression_failures.tsv"),
+        log:
+            logs("local_cohort.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+        params:
+            settings=settings("sources", "imaging"),
+            raw_dir=folder_of("manifest"),
+        shell:
+            "mgi acquire local --settings {params.settings:q} --manifest {output.manifest} "
+            "--clinical {output.clinical} --images {output.images} "
+            "--raw-dir {params.raw_dir} > {log} 2>&1"
+
+    IMAGE_TABLE = "local_cohort"
+    EXPRESSION_FILES = raw("expression_failures.tsv")
 
 else:
 

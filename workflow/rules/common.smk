@@ -4,7 +4,9 @@ import copy
 import functools
 import json
 import os
+import shlex
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from config_check import check_config  # workflow/rules/config_check.py
@@ -20,8 +22,22 @@ with open(workflow.source_path("../registry.json")) as _handle:
     REGISTRY = json.load(_handle)
 
 COHORT = config["cohort"]
-# GENCODE GTF (gene positions): written by the demo, fetched from the GDC reference files
+# GENCODE GTF (gene positions): written by the demo, fetched from the GDC reference files,
+# or, for source local, the file sources.local.gtf names (read in place)
 GENE_ANNOTATION = f"data/{COHORT}/raw/reference/gencode.annotation.gtf.gz"
+if config["source"] == "local":
+    GENE_ANNOTATION = config["sources"]["local"]["gtf"]
+    if config["expression"]["order"] == "genomic" and not GENE_ANNOTATION:
+        raise WorkflowError(
+            "expression.order: 'genomic' needs gene positions; source local has none unless "
+            "sources.local.gtf names a GENCODE GTF of the expression's genes (or choose "
+            "expression.order rank or fixed)"
+        )
+    if not config["sources"]["local"]["samples"]:
+        raise WorkflowError(
+            "sources.local.samples: not set; source local needs a sample sheet (TSV, one row "
+            "per patient; see cohorts/local-example.yaml)"
+        )
 STAIN_METHOD = config["imaging"]["wsi"]["stain"]["method"]
 STAIN_REFERENCE = f"results/{COHORT}/images/stain_reference.json"
 MODALITY = config["imaging"]["modality"]
@@ -220,6 +236,27 @@ def gtf_settings():
     return json.dumps(
         {"sources": {"gdc": {key: gdc[key] for key in keys}}}, sort_keys=True
     )
+
+
+def matrix_input(wildcards):
+    """Source local with sources.local.matrix: the matrix (the expression's input), else nothing."""
+    matrix = config["sources"]["local"]["matrix"]
+    return {"matrix": matrix} if config["source"] == "local" and matrix else {}
+
+
+def matrix_option(wildcards, input):
+    """`--matrix <file>` when the expression comes from a matrix, else nothing."""
+    return f"--matrix {shlex.quote(input.matrix)}" if "matrix" in input.keys() else ""
+
+
+def given_splits(wildcards):
+    """Source local: the sample sheet's splits (empty when it gives none), else nothing."""
+    return {"given": raw("given_splits.tsv")} if config["source"] == "local" else {}
+
+
+def given_option(wildcards, input):
+    """`--given <tsv>` for source local, else nothing."""
+    return f"--given {input.given}" if "given" in input.keys() else ""
 
 
 def value_layers():

@@ -4,6 +4,7 @@
 rule expression_matrix:
     """One expression profile per case (AnnData: obs = cases, var = genes, layers counts/tpm)."""
     input:
+        unpack(matrix_input),
         manifest=raw("manifest.tsv"),
         clinical=raw("clinical.tsv"),
         files=EXPRESSION_FILES,
@@ -20,10 +21,11 @@ rule expression_matrix:
         raw_dir=folder_of("manifest", of="input"),
         layers=value_layers(),
         duplicates=config["expression"]["duplicate_profiles"],
+        matrix=matrix_option,
     shell:
         "mgi expression --manifest {input.manifest} --clinical {input.clinical} "
         "--raw-dir {params.raw_dir} --layers {params.layers} "
-        "--duplicates {params.duplicates} --out {output.h5ad} > {log} 2>&1"
+        "--duplicates {params.duplicates} {params.matrix} --out {output.h5ad} > {log} 2>&1"
 
 
 rule gene_sequences:

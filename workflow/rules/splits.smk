@@ -4,6 +4,7 @@
 rule splits:
     """Each patient with both an expression profile and a usable image, in exactly one split."""
     input:
+        unpack(given_splits),
         h5ad=results("expression/expression.h5ad"),
         qc=results("images/qc.tsv"),
     output:
@@ -17,6 +18,7 @@ rule splits:
         mem_mb=1000,
     params:
         settings=settings("splits", "seed"),
+        given=given_option,
     shell:
         "mgi splits --expression {input.h5ad} --qc {input.qc} --settings {params.settings:q} "
-        "--out {output.splits} > {log} 2>&1"
+        "{params.given} --out {output.splits} > {log} 2>&1"

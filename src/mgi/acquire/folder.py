@@ -147,6 +147,25 @@ def _dicom_row(
     return _row(case_id, f"radiology/{case_id}", "")
 
 
+def patient_row(
+    case_id: str, patient: Path, *, layout: str, labels: re.Pattern[str], raw_dir: Path,
+    options: MriOptions, choices: list[pd.DataFrame],
+) -> dict[str, str]:
+    """The image table row of one patient folder read in `layout`; SeriesError if it does not
+    hold that layout. The dicom layout writes `radiology/{case_id}/series.tsv` under `raw_dir`
+    and appends its candidate series to `choices`."""
+    if layout == "lgg_tif":
+        return _lgg_row(case_id, patient)
+    if layout == "nifti":
+        return _nifti_row(case_id, patient, labels=labels, options=options)
+    return _dicom_row(case_id, patient, raw_dir=raw_dir, options=options, choices=choices)
+
+
+def label_pattern(text: str, key: str) -> re.Pattern[str]:
+    """`text` compiled (case-insensitive); AcquireError naming config key `key` if invalid."""
+    return _pattern(text, key)
+
+
 def _pattern(text: str, key: str) -> re.Pattern[str]:
     try:
         return re.compile(text, re.IGNORECASE)
@@ -184,13 +203,8 @@ def folder_images(
     rows, failures, choices = [], [], []
     for case_id, patient in sorted(found.items()):
         try:
-            if layout == "lgg_tif":
-                rows.append(_lgg_row(case_id, patient))
-            elif layout == "nifti":
-                rows.append(_nifti_row(case_id, patient, labels=labels, options=options))
-            else:
-                rows.append(_dicom_row(case_id, patient, raw_dir=raw_dir, options=options,
-                                       choices=choices))
+            rows.append(patient_row(case_id, patient, layout=layout, labels=labels,
+                                    raw_dir=raw_dir, options=options, choices=choices))
         except SeriesError as err:
             log.error("case %s: %s", case_id, err)
             failures.append({"case_id": case_id, "SeriesInstanceUID": "", "sequence": "",

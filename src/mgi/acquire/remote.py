@@ -1,4 +1,4 @@
-"""`mgi acquire {gdc-query, gdc-download, images}`: a real cohort from the GDC and TCIA.
+"""`mgi acquire {gdc-query, gdc-download, images, gtf, local}`: a real cohort's raw tables.
 
 gdc-query    manifest.tsv (one expression profile per case, and slides for imaging.modality
              wsi) and clinical.tsv.
@@ -13,6 +13,9 @@ images       images.tsv: for wsi one row per slide of the manifest that is on di
              Series that failed are listed in `image_failures.tsv` beside images.tsv.
 gtf          the GENCODE GTF among the GDC reference files (gene positions for the genomic
              gene order), md5-checked like every other download.
+local        source local: manifest.tsv, clinical.tsv, images.tsv and given_splits.tsv of the
+             sample sheet sources.local.samples, files read in place (`mgi.acquire.local`);
+             expression_failures.tsv and image_failures.tsv list the patients left out.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ from mgi.options import AcquireSettings, GdcOptions, SourcesSettings, stage_sett
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("gdc-query", "gdc-download", "images", "gtf")
+ACTIONS = ("gdc-query", "gdc-download", "images", "gtf", "local")
 
 
 def run(action: str, args: argparse.Namespace) -> None:
     """Run one acquire action with the CLI's arguments (settings as a JSON string)."""
     handlers = {"gdc-query": gdc_query, "gdc-download": gdc_download, "images": image_table,
-                "gtf": gene_annotation}
+                "gtf": gene_annotation, "local": local_cohort}
     if action not in handlers:
         raise AcquireError(f"unknown acquire action {action!r}; expected one of {ACTIONS}")
     kind = SourcesSettings if action in ("gdc-download", "gtf") else AcquireSettings
@@ -170,6 +173,33 @@ def image_table(settings: AcquireSettings, args: argparse.Namespace) -> None:
     write_tsv(table, images_path)
     log.info("image table: %d %s image(s) of %d case(s) -> %s", len(table), modality,
              table["case_id"].nunique(), images_path)
+
+
+def local_cohort(settings: AcquireSettings, args: argparse.Namespace) -> None:
+    """Write the raw tables of the sample sheet's cohort (source local) and its failures."""
+    from mgi.acquire import local
+
+    source = settings.sources.local
+    if not source.samples:
+        raise AcquireError("sources.local.samples: not set; source local needs a sample sheet "
+                           "(TSV, one row per patient; see cohorts/local-example.yaml)")
+    manifest_path = _arg(args, "manifest", "local")
+    clinical_path = _arg(args, "clinical", "local")
+    images_path = _arg(args, "images", "local")
+    raw_dir = _arg(args, "raw_dir", "local")
+    cohort = local.local_cohort(
+        source.samples, matrix=source.matrix, modality=settings.imaging.modality,
+        raw_dir=raw_dir, mri=settings.imaging.mri, nifti_labels=settings.sources.tcia.nifti_labels)
+    write_tsv(cohort.expression_failures, raw_dir / "expression_failures.tsv")
+    write_tsv(cohort.image_failures, images_path.with_name("image_failures.tsv"))
+    if not cohort.choices.empty:
+        write_tsv(cohort.choices, images_path.with_name("series_choice.tsv"))
+    write_tsv(cohort.splits, raw_dir / "given_splits.tsv")
+    write_tsv(cohort.manifest, manifest_path)
+    write_tsv(cohort.clinical, clinical_path)
+    write_tsv(cohort.images, images_path)
+    log.info("local cohort %s: %d patient(s) -> %s, %s, %s", source.samples,
+             len(cohort.manifest), manifest_path, clinical_path, images_path)
 
 
 def _slide_rows(manifest: pd.DataFrame, raw_dir: Path) -> pd.DataFrame:

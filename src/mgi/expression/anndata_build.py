@@ -14,6 +14,7 @@ import pandas as pd
 from mgi.acquire.gdc import EXPRESSION_DATA_TYPE, choose_primary_profiles
 from mgi.errors import ConfigError, ExpressionFileError, MgiError
 from mgi.expression.gtf import unversioned
+from mgi.expression.matrix import read_matrix
 from mgi.expression.star import QC_ROWS, read_star_cohort
 from mgi.io import atomic_path, read_tsv
 
@@ -52,11 +53,15 @@ def build_expression(
     clinical_path: str | os.PathLike[str] | None = None,
     layers: Sequence[str] = ("tpm",),
     duplicates: str = "choose",
+    matrix: str | os.PathLike[str] | None = None,
 ) -> ad.AnnData:
     """Return one expression profile per case: obs = cases, var = genes, X = raw counts.
 
     Files are the manifest rows with data_type "Gene Expression Quantification"; their `path`
-    is relative to `raw_dir`. A case with several profiles is refused with duplicates="error";
+    is relative to `raw_dir` (an absolute path, a file read in place, stays as it is). With
+    `matrix` (a genes x samples matrix, `mgi.expression.matrix`) each row's `filename` names
+    its sample column instead; a matrix has counts only, so `layers` are left out (logged) and
+    the STAR QC counts are NaN. A case with several profiles is refused with duplicates="error";
     with "choose" the manifest's rule picks one (`mgi.acquire.gdc.choose_primary_profiles`,
     the rule the GDC query applies: never a normal-tissue profile, a primary tumour before
     other tumour samples, then the smallest sample barcode, then the smallest file id). Every
@@ -80,6 +85,8 @@ def build_expression(
     rows = _expression_rows(manifest_path)
     rows = _drop_failed_downloads(rows, manifest_path.with_name("download_failures.tsv"))
     rows = _one_profile_per_case(rows, manifest_path, duplicates=duplicates)
+    if matrix is not None:
+        return _from_matrix(Path(matrix), rows, clinical_path=clinical_path, layers=layers)
     paths = [raw_dir / p for p in rows["path"]]
     for path, file_id in zip(paths, rows["id"], strict=True):
         if not path.is_file():
@@ -121,6 +128,36 @@ def build_expression(
         "%d cases x %d genes (%s), layers %s",
         adata.n_obs, adata.n_vars, adata.uns["gene_model"], list(adata.layers),
     )
+    return adata
+
+
+def _from_matrix(
+    matrix: Path, rows: pd.DataFrame, *, clinical_path: str | os.PathLike[str] | None,
+    layers: Sequence[str],
+) -> ad.AnnData:
+    """build_expression's AnnData from the matrix columns the rows' `filename` names."""
+    genes, counts, gene_model = read_matrix(matrix, samples=rows["filename"].tolist())
+    if layers:
+        log.warning("%s: a count matrix has no %s values (no gene lengths); only the counts "
+                    "are kept", matrix, list(layers))
+    obs = pd.DataFrame(
+        {
+            "case_id": rows["case_id"].to_numpy(),
+            "file_id": rows["id"].to_numpy(),
+            "file_name": rows["filename"].to_numpy(),
+            "sample_barcode": rows["sample_barcode"].to_numpy(),
+            "sample_type": rows["sample_type"].to_numpy(),
+            "project_id": _project_ids(rows, clinical_path),
+            "n_profiles": rows["n_profiles"].to_numpy(),
+            "total_counts": counts.sum(axis=1, dtype=np.float64),
+            **{col: np.full(len(rows), np.nan) for col in QC_ROWS.values()},
+        },
+        index=pd.Index(rows["case_id"].to_numpy(), name=None),
+    )
+    adata = ad.AnnData(X=counts, obs=obs, var=_var_table(genes, matrix),
+                       layers={"counts": counts.copy()})
+    adata.uns["gene_model"] = gene_model
+    log.info("%d cases x %d genes from matrix %s", adata.n_obs, adata.n_vars, matrix)
     return adata
 
 
