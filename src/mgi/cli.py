@@ -54,9 +54,10 @@ def _expression(args: argparse.Namespace) -> None:
 def _sequences(args: argparse.Namespace) -> None:
     import anndata
 
+    from mgi.expression.encoding import SequenceEncoding
     from mgi.expression.gtf import check_gene_model, read_gene_positions
     from mgi.expression.order import read_gene_list
-    from mgi.expression.tokens import build_sequences, write_sequences
+    from mgi.expression.tokens import build_sequences, encode_sequences, write_sequences
     from mgi.io import read_tsv
 
     config = stage_settings(SequenceSettings, args.settings).expression
@@ -64,16 +65,24 @@ def _sequences(args: argparse.Namespace) -> None:
     splits = splits[splits["split"].isin(["train", "val", "test"])]
     adata = anndata.read_h5ad(args.expression)
     positions = None
-    if config.order == "genomic":
+    if config.order == "genomic" and not args.from_encoding:
         if not args.gtf:
             raise MgiError("mgi sequences: expression.order 'genomic' needs --gtf <GENCODE GTF>")
         check_gene_model(args.gtf, str(adata.uns.get("gene_model", "")))
         positions = read_gene_positions(args.gtf)
-    gene_list = read_gene_list(config.gene_list) if config.gene_list else None
-    seqs = build_sequences(
-        adata, splits, config=config, positions=positions, gene_list=gene_list
-    )
+    if args.from_encoding:
+        encoding = SequenceEncoding.load(args.from_encoding)
+        log.info("encoding %s (fitted elsewhere) applied; expression settings of the encoding "
+                 "used", args.from_encoding)
+        seqs = encode_sequences(adata, splits, encoding=encoding)
+    else:
+        gene_list = read_gene_list(config.gene_list) if config.gene_list else None
+        seqs = build_sequences(
+            adata, splits, config=config, positions=positions, gene_list=gene_list
+        )
     write_sequences(seqs, sequences_path=Path(args.sequences), vocab_path=Path(args.vocab))
+    if args.encoding:
+        seqs.encoding.save(args.encoding)
     log.info("%d sequences of %d tokens, vocabulary %d", *seqs.token_ids.shape, len(seqs.vocab))
 
 
@@ -282,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", required=True)
     p.add_argument("--vocab", required=True)
     p.add_argument("--gtf", help="GENCODE GTF with the gene positions (order genomic)")
+    p.add_argument("--encoding", help="write the fitted encoding here (encoding.npz)")
+    p.add_argument("--from-encoding", help="encode with this fitted encoding (another cohort's "
+                   "encoding.npz) instead of fitting one on the train split")
 
     p = command("image", _image, "one MR series or slide to its image bank")
     p.add_argument("--images", required=True, help="the image table (images.tsv)")

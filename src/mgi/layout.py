@@ -15,6 +15,7 @@ RESULTS = {
     "expression": "expression/expression.h5ad",
     "sequences": "expression/sequences.npz",
     "vocab": "expression/vocab.tsv",
+    "encoding": "expression/encoding.npz",
     "bank": "images/{image_id}.h5",
     "qc_row": "images/qc/{image_id}.tsv",
     "thumbnail": "images/qc/{image_id}.png",

@@ -35,6 +35,7 @@ rule gene_sequences:
     output:
         sequences=results("expression/sequences.npz"),
         vocab=results("expression/vocab.tsv"),
+        encoding=results("expression/encoding.npz"),
     log:
         logs("gene_sequences.log"),
     conda:
@@ -48,4 +49,4 @@ rule gene_sequences:
     shell:
         "mgi sequences --expression {input.h5ad} --splits {input.splits} "
         "--settings {params.settings:q} {params.gtf} --sequences {output.sequences} "
-        "--vocab {output.vocab} > {log} 2>&1"
+        "--vocab {output.vocab} --encoding {output.encoding} > {log} 2>&1"

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mgi.errors import ExpressionFileError, MgiError
-from mgi.expression.order import GeneOrder
+from mgi.expression.encoding import SequenceEncoding
 from mgi.io import atomic_path, read_tsv, write_tsv
 from mgi.options import ExpressionOptions, as_dict
 
@@ -42,6 +42,7 @@ class GeneSequences:
     values: np.ndarray  # (N, seq_len) float32
     vocab: pd.DataFrame | None = None  # token_id, gene_id, gene_name
     attrs: dict[str, Any] = field(default_factory=dict)
+    encoding: SequenceEncoding | None = None  # the fit that made them (build_sequences)
 
     @property
     def vocab_size(self) -> int:
@@ -126,46 +127,29 @@ def build_sequences(
     restricts the genes (see GeneOrder.fit).
     """
     config = config or ExpressionOptions()
-    if not adata.obs_names.is_unique:
-        raise ExpressionFileError("expression matrix: case ids (obs names) repeat; expected unique")
-    split_of = _check_splits(splits, adata)
-    keep = adata.obs_names.isin(split_of.index)
-    cases = adata[keep]
-    case_split = split_of.loc[cases.obs_names].to_numpy().astype(str)
+    cases, case_split = _cases_in_splits(adata, splits)
     is_train = case_split == "train"
     if not is_train.any():
         raise ExpressionFileError("splits: no case of the expression matrix is in 'train'")
-    train = cases[is_train]
+    encoding = SequenceEncoding.fit(cases[is_train], config=config, positions=positions,
+                                    gene_list=gene_list)
+    return encode_sequences(adata, splits, encoding=encoding)
 
-    order = GeneOrder(config).fit(train, positions=positions, gene_list=gene_list)
-    linear, logged = order.expression(cases)
-    encoder = ValueEncoder(config).fit(logged[is_train])
-    gene_values = encoder.transform(logged)
-    positions = order.transform(linear)
 
-    n_cases = positions.shape[0]
-    token_ids = np.full((n_cases, config.seq_len), PAD, dtype=np.int32)
-    values = np.zeros((n_cases, config.seq_len), dtype=np.float32)
-    token_ids[:, 0] = CLS
-    present = positions >= 0
-    token_ids[:, 1:] = np.where(present, positions + len(SPECIALS), PAD)
-    gathered = np.take_along_axis(gene_values, np.maximum(positions, 0), axis=1)
-    values[:, 1:] = np.where(present, gathered, 0.0)
-
-    var = adata.var.iloc[order.genes_]
-    genes = pd.DataFrame(
-        {
-            "gene_id": var.index.to_numpy().astype(str),
-            "gene_name": var["gene_name"].to_numpy() if "gene_name" in var else "",
-        }
-    )
-    vocab = build_vocab(genes)
-    medians = order.medians_
+def encode_sequences(
+    adata: ad.AnnData, splits: pd.DataFrame, *, encoding: SequenceEncoding
+) -> GeneSequences:
+    """Return the gene sequences of the cases in `splits` under a fitted `encoding` (from this
+    cohort's train cases, or another cohort's: nothing is fitted here)."""
+    cases, case_split = _cases_in_splits(adata, splits)
+    token_ids, values = encoding.encode(cases)
+    config, medians = encoding.config, encoding.medians
+    vocab = encoding.vocab
     attrs = {
         "config": as_dict(config),
-        "gene_model": str(adata.uns.get("gene_model", "")),
+        "gene_model": encoding.gene_model,
         "n_cases": {s: int((case_split == s).sum()) for s in SPLITS},
-        "n_genes": int(order.genes_.size),
+        "n_genes": int(encoding.gene_ids.size),
         "vocab_size": len(vocab),
         "specials": {name: i for i, name in enumerate(SPECIALS)},
         "train_median_summary": {
@@ -173,11 +157,10 @@ def build_sequences(
             "median": float(np.median(medians)),
             "max": float(medians.max()),
         },
-        "continuous_scale": encoder.scale_ if config.values == "continuous" else None,
+        "continuous_scale": encoding.scale if config.values == "continuous" else None,
     }
-    log.info(
-        "%d sequences of %d tokens, vocabulary of %d genes", n_cases, config.seq_len, len(genes)
-    )
+    log.info("%d sequences of %d tokens, vocabulary of %d genes", token_ids.shape[0],
+             config.seq_len, encoding.gene_ids.size)
     return GeneSequences(
         case_ids=cases.obs_names.to_numpy().astype(str),
         splits=case_split,
@@ -185,7 +168,17 @@ def build_sequences(
         values=values,
         vocab=vocab,
         attrs=attrs,
+        encoding=encoding,
     )
+
+
+def _cases_in_splits(adata: ad.AnnData, splits: pd.DataFrame) -> tuple[ad.AnnData, np.ndarray]:
+    """The cases of `adata` that `splits` lists (in adata's order) and their splits."""
+    if not adata.obs_names.is_unique:
+        raise ExpressionFileError("expression matrix: case ids (obs names) repeat; expected unique")
+    split_of = _check_splits(splits, adata)
+    cases = adata[adata.obs_names.isin(split_of.index)]
+    return cases, split_of.loc[cases.obs_names].to_numpy().astype(str)
 
 
 def write_sequences(
