@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -91,9 +92,10 @@ def save_checkpoint(payload: dict, path: Path) -> None:
         torch.save(payload, tmp)
 
 
-def _load(path: Path, *, what: str, keys: tuple[str, ...]) -> dict:
+def _load(path: Path, *, what: str, keys: tuple[str, ...], data: bytes | None = None) -> dict:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        source = io.BytesIO(data) if data is not None else path
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as err:
         raise MgiError(f"{path}: cannot read the {what} checkpoint ({err})") from err
     missing = [key for key in keys if key not in checkpoint]
@@ -156,9 +158,10 @@ def save_failed(path: Path, *, variant: str, error: str) -> None:
     save_checkpoint({"variant": variant, "failed": True, "error": error}, path)
 
 
-def load_finetuned(path: Path) -> Finetuned:
-    """Read finetune/{variant}/model.pt (MgiError naming the file if it is not one)."""
-    checkpoint = _load(path, what="fine-tuned", keys=("variant",))
+def load_finetuned(path: Path, *, data: bytes | None = None) -> Finetuned:
+    """Read finetune/{variant}/model.pt (MgiError naming the file if it is not one); `data`:
+    the file's bytes, already read (a bundle's member; `path` then names it in errors)."""
+    checkpoint = _load(path, what="fine-tuned", keys=("variant",), data=data)
     if checkpoint.get("failed"):
         return Finetuned(checkpoint["variant"], True, str(checkpoint.get("error", "")))
     missing = [key for key in ("state_dict", "settings", "vocab_size", "in_chans", "best_epoch",

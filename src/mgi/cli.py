@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mgi.errors import MgiError
 from mgi.options import (
+    EvaluateOptions,
     EvaluateSettings,
     FinetuneSettings,
     ImagingSettings,
@@ -242,6 +243,15 @@ def _attribute(args: argparse.Namespace) -> None:
     )
 
 
+def _export(args: argparse.Namespace) -> None:
+    from mgi.bundle import export_bundle
+
+    settings = (stage_settings(EvaluateSettings, args.settings) if args.settings
+                else EvaluateSettings(evaluate=EvaluateOptions()))
+    export_bundle(variant=args.variant, results_dir=Path(args.results), out_path=Path(args.out),
+                  threshold=settings.evaluate.threshold)
+
+
 def _acquire(args: argparse.Namespace) -> None:
     from mgi.acquire import remote
 
@@ -355,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masks per test patient (NIfTI / PNG) [predictions/ beside --patients]")
     p.add_argument("--status", help="status.json of the variant [beside --patients]")
     p.add_argument("--threads", type=int, default=1)
+
+    p = command("export", _export, "a fine-tuned variant and what applies it, as one bundle")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--results", required=True, help="the cohort's results folder")
+    p.add_argument("--out", required=True, help="the bundle file (.mgi, a zip)")
+    p.add_argument("--settings", help="the evaluate section (its threshold) [schema default]")
 
     p = command("report", _report, "metrics.json and the self-contained report.html")
     p.add_argument("--cohort", required=True)

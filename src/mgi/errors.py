@@ -33,3 +33,7 @@ class BankError(MgiError):
 
 class TrainingError(MgiError):
     """Training inputs are inconsistent (no pairs, missing splits, shape mismatch)."""
+
+
+class BundleError(MgiError):
+    """A model bundle (mgi export) cannot be written, or is corrupted or of another format."""

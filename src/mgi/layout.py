@@ -38,6 +38,7 @@ RESULTS = {
     "test_predictions": "finetune/{variant}/test_predictions.h5",
     "predicted_masks": "finetune/{variant}/predictions",
     "status": "finetune/{variant}/status.json",
+    "bundle": "export/{variant}.mgi",
     "attribution": "report/gene_attribution.tsv",
     "attribution_summary": "report/gene_attribution.json",
     "metrics": "report/metrics.json",

@@ -146,6 +146,22 @@ def stain_option(wildcards, input):
     return f"--stain-reference {input.stain}" if "stain" in input.keys() else ""
 
 
+def cohort_results(wildcards, input):
+    """A params function: results/{cohort}/, the folder above the input expression/encoding.npz."""
+    return os.path.dirname(os.path.dirname(input.encoding))
+
+
+def bundle_inputs(wildcards):
+    """Inputs of a variant's bundle: its checkpoint, the encoding, the stain reference if used."""
+    inputs = {
+        "model": results(f"finetune/{wildcards.variant}/model.pt"),
+        "encoding": results("expression/encoding.npz"),
+    }
+    if MODALITY == "wsi" and STAIN_METHOD != "none":
+        inputs["stain"] = STAIN_REFERENCE
+    return inputs
+
+
 # model.gene_encoder.kind's enum; variant mgi_{kind} is the gene-encoder ablation of that kind
 GENE_ENCODER_KINDS = tuple(REGISTRY["gene_encoder_kinds"])
 PRETRAIN_SECTIONS = ("model", "pretrain", "imaging", "expression", "seed")

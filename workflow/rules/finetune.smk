@@ -60,3 +60,26 @@ rule evaluate:
         "--patients {output.patients} --slices {output.slices} "
         "--predictions {output.predictions} --predictions-dir {output.masks} "
         "--status {output.status} --threads {threads} > {log} 2>&1"
+
+
+rule export:
+    """A variant's bundle (one zip): checkpoint, encoding, settings, stain reference, versions."""
+    input:
+        unpack(bundle_inputs),
+    output:
+        bundle=results("export/{variant}.mgi"),
+    log:
+        logs("export/{variant}.log"),
+    wildcard_constraints:
+        variant="[a-z_]+",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        settings=settings("evaluate"),
+        results=cohort_results,
+    shell:
+        "mgi export --variant {wildcards.variant} --results {params.results} "
+        "--out {output.bundle} --settings {params.settings:q} > {log} 2>&1"

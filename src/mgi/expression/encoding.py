@@ -15,6 +15,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import anndata as ad
 import numpy as np
@@ -178,12 +179,13 @@ class SequenceEncoding:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SequenceEncoding:
-        """Read an encoding .npz; ExpressionFileError naming the file if it is not one (or of
-        another format version)."""
-        path = Path(path)
+    def load(cls, path: str | os.PathLike[str] | BinaryIO) -> SequenceEncoding:
+        """Read an encoding .npz (a path, or an open binary file); ExpressionFileError naming
+        the file if it is not one (or of another format version)."""
+        source = path if hasattr(path, "read") else Path(path)
+        path = getattr(path, "name", "encoding") if hasattr(path, "read") else source
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(source, allow_pickle=False) as npz:
                 missing = [k for k in ("header_json", *ARRAYS) if k not in npz.files]
                 if missing:
                     raise ExpressionFileError(
