@@ -252,6 +252,13 @@ def _export(args: argparse.Namespace) -> None:
                   threshold=settings.evaluate.threshold)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from mgi.evaluate.predict import predict_patients
+
+    predict_patients(bundle_path=Path(args.bundle), samples_path=Path(args.samples),
+                     out_dir=Path(args.out), threads=args.threads)
+
+
 def _acquire(args: argparse.Namespace) -> None:
     from mgi.acquire import remote
 
@@ -371,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="the cohort's results folder")
     p.add_argument("--out", required=True, help="the bundle file (.mgi, a zip)")
     p.add_argument("--settings", help="the evaluate section (its threshold) [schema default]")
+
+    p = command("predict", _predict, "a bundled model applied to new patients of a sample sheet")
+    p.add_argument("--bundle", required=True, help="the model bundle (mgi export)")
+    p.add_argument("--samples", required=True, help="sample sheet: case_id, expression, image")
+    p.add_argument("--out", required=True, help="folder for masks, volumes.tsv, overlays, qc")
+    p.add_argument("--threads", type=int, default=1)
 
     p = command("report", _report, "metrics.json and the self-contained report.html")
     p.add_argument("--cohort", required=True)

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from mgi.checkpoint import load_finetuned
+from mgi.checkpoint import Finetuned, load_finetuned
 from mgi.imaging.bank import BankHeader
 from mgi.io import atomic_dir, atomic_path, write_tsv
 from mgi.models.metrics import slice_metrics, volume_metrics
@@ -78,14 +78,8 @@ def evaluate_variant(
 
     seed_everything(0, threads=threads)
     data = load_cohort(sequences_path=sequences_path, splits_path=splits_path, qc_path=qc_path)
-    model = build_variant(variant, checkpoint.settings, vocab_size=checkpoint.vocab_size,
-                          seq_len=data.sequences.token_ids.shape[1],
-                          in_chans=checkpoint.in_chans)
-    model.load_state_dict(checkpoint.state_dict)
-    device = pick_device(checkpoint.settings.finetune.device)
-    model.to(device)
     items = data.items("test", labelled=True)
-    probs = predict(model, data, items, with_genes=variant_spec(variant).genes, device=device)
+    probs = predict_items(checkpoint, data, items)
     pred = probs >= threshold
     truth = data.masks[items].astype(bool)
     per_slice = slice_metrics(pred, truth)
@@ -125,6 +119,21 @@ def evaluate_variant(
     return patients
 
 
+def predict_items(checkpoint: Finetuned, data: CohortData, items: np.ndarray) -> np.ndarray:
+    """Tumour probabilities (N, H, W) of `items` by the fine-tuned network of `checkpoint`:
+    what evaluate scores and `mgi predict` writes for new patients."""
+    assert checkpoint.settings is not None and not checkpoint.failed
+    model = build_variant(checkpoint.variant, checkpoint.settings,
+                          vocab_size=checkpoint.vocab_size,
+                          seq_len=data.sequences.token_ids.shape[1],
+                          in_chans=checkpoint.in_chans)
+    model.load_state_dict(checkpoint.state_dict)
+    device = pick_device(checkpoint.settings.finetune.device)
+    model.to(device)
+    return predict(model, data, items, with_genes=variant_spec(checkpoint.variant).genes,
+                   device=device)
+
+
 def write_patient_masks(data: CohortData, items: np.ndarray, pred: np.ndarray, *, out_dir: Path,
                         variant: str) -> Path:
     """Each patient's predicted masks (pred: (N, H, W) bool, one per item) into `out_dir`,
@@ -147,7 +156,7 @@ def _write_volume(path: Path, masks: np.ndarray, header: BankHeader, *, variant:
     import nibabel as nib
 
     volume = np.ascontiguousarray(masks.transpose(1, 2, 0), dtype=np.uint8)
-    spacing = _voxel_spacing(header.attrs)
+    spacing = voxel_spacing(header.attrs)
     image = nib.Nifti1Image(volume, np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0]))
     image.header.set_data_dtype(np.uint8)
     if spacing:
@@ -156,7 +165,7 @@ def _write_volume(path: Path, masks: np.ndarray, header: BankHeader, *, variant:
     nib.save(image, path)
 
 
-def _voxel_spacing(attrs: dict) -> tuple[float, float, float] | None:
+def voxel_spacing(attrs: dict) -> tuple[float, float, float] | None:
     """(row, column, slice gap) in mm of a bank's model-resolution slices, or None if unknown."""
     pixel, series = attrs.get("pixel_spacing"), attrs.get("spacing")
     try:
