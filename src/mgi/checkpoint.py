@@ -112,21 +112,27 @@ class Pretrained:
     gene_config: dict  # GeneEncoderConfig's fields
     image_config: dict  # ImageEncoderConfig's fields
     best_epoch: int
+    # the image channels in order (imaging.mri.sequences of an MRI pre-training); None for
+    # slides and for checkpoints written before the field existed
+    channels: tuple[str, ...] | None = None
 
 
 def save_pretrained(path: Path, *, state_dict: dict, gene_config: dict, image_config: dict,
-                    best_epoch: int) -> None:
+                    best_epoch: int, channels: tuple[str, ...] | None = None) -> None:
     """Write pretrain/model.pt."""
     save_checkpoint({"state_dict": state_dict, "gene_config": gene_config,
-                     "image_config": image_config, "best_epoch": best_epoch}, path)
+                     "image_config": image_config, "best_epoch": best_epoch,
+                     "channels": list(channels) if channels is not None else None}, path)
 
 
 def load_pretrained(path: Path) -> Pretrained:
     """Read pretrain/model.pt (MgiError naming the file if it is not one)."""
     checkpoint = _load(path, what="pre-training", keys=("state_dict", "gene_config",
                                                         "image_config"))
+    channels = checkpoint.get("channels")
     return Pretrained(checkpoint["state_dict"], checkpoint["gene_config"],
-                      checkpoint["image_config"], int(checkpoint.get("best_epoch", 0)))
+                      checkpoint["image_config"], int(checkpoint.get("best_epoch", 0)),
+                      tuple(channels) if channels is not None else None)
 
 
 @dataclass(frozen=True)

@@ -331,6 +331,7 @@ class FinetuneOptions:
     """finetune: segmentation fine-tuning of every variant."""
 
     variants: tuple[str, ...] = default_of("finetune.variants")
+    pretrained: str | None = default_of("finetune.pretrained")
     fusion: str = default_of("finetune.fusion")
     decoder_channels: int = default_of("finetune.decoder_channels")
     unet: UNetOptions = field(default_factory=UNetOptions)

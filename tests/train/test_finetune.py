@@ -14,9 +14,10 @@ import yaml
 from monai.losses import DiceCELoss
 
 import mgi.train.finetune as finetune_module
+from mgi.checkpoint import load_pretrained as read_pretrained
 from mgi.checkpoint import save_pretrained
 from mgi.cli import main
-from mgi.errors import TrainingError
+from mgi.errors import ConfigError, TrainingError
 from mgi.models import SegmentationModel, UNetSegmentation
 from mgi.options import FinetuneSettings, PretrainSettings, build, stage_settings
 from mgi.train.finetune import build_variant, finetune
@@ -137,6 +138,37 @@ def test_an_ablation_refuses_a_pretraining_of_another_gene_encoder(cohort: TinyC
     settings = tuned(cohort, on_failure="raise")
     with pytest.raises(TrainingError, match=r"'mamba'.*mgi_transformer uses 'transformer'"):
         run_finetune(cohort, "mgi_transformer", tmp_path / "out", settings, tmp_path / "mamba.pt")
+
+
+def test_the_pretraining_records_its_image_channels(cohort: TinyCohort,
+                                                    transformer_pretraining: Path):
+    channels = read_pretrained(transformer_pretraining).channels
+    assert channels == tuple(cohort.settings["imaging"]["mri"]["sequences"])
+
+
+def test_a_pretraining_of_other_model_keys_or_channels_is_refused_naming_both(
+        cohort: TinyCohort, transformer_pretraining: Path, tmp_path: Path):
+    """Another cohort's pre-training: vocabulary, sizes and channels must be the fine-tuning's."""
+    trained = read_pretrained(transformer_pretraining)
+    settings = tuned(cohort, on_failure="raise")
+    kinds = {"gene": dict(trained.gene_config, vocab_size=VOCAB + 7),
+             "image": dict(trained.image_config, embed_dim=48, in_chans=4)}
+    save_pretrained(tmp_path / "other.pt", state_dict=trained.state_dict,
+                    gene_config=kinds["gene"], image_config=kinds["image"], best_epoch=1,
+                    channels=("T2", "FLAIR", "T1 post"))
+    with pytest.raises(ConfigError) as err:
+        run_finetune(cohort, "mgi_transformer", tmp_path / "out", settings, tmp_path / "other.pt")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'other.pt'}: the pre-training does not fit")
+    assert f"gene encoder vocab_size: pre-trained {VOCAB + 7}, fine-tuning builds {VOCAB}" in (
+        message)
+    assert "image encoder embed_dim: pre-trained 48, fine-tuning builds" in message
+    assert "image encoder in_chans: pre-trained 4, fine-tuning builds 1" in message
+    assert "image channels: pre-trained on ['T2', 'FLAIR', 'T1 post']" in message
+    # an image-only variant does not read the gene encoder: only the image side is checked
+    with pytest.raises(ConfigError) as err:
+        run_finetune(cohort, "mgi_image_only", tmp_path / "image", settings, tmp_path / "other.pt")
+    assert "gene encoder" not in str(err.value) and "embed_dim" in str(err.value)
 
 
 def nan_from_call(monkeypatch, call: int) -> None:

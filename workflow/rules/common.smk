@@ -167,18 +167,61 @@ GENE_ENCODER_KINDS = tuple(REGISTRY["gene_encoder_kinds"])
 PRETRAIN_SECTIONS = ("model", "pretrain", "imaging", "expression", "seed")
 
 
+def own_pretraining_kind(variant):
+    """The gene encoder kind of a variant's own pre-training (pretrain/ablation/{kind}/) where
+    it is not model.gene_encoder.kind, else None."""
+    spec = REGISTRY["variants"][variant]
+    configured = config["model"]["gene_encoder"]["kind"]
+    kind = spec["gene_encoder"] or configured
+    return kind if spec["pretrained"] and kind != configured else None
+
+
+# finetune.pretrained: another cohort's pre-training, read in place (that cohort's pretrain/
+# folder, and the sequence encoding its gene_sequences wrote beside it); else this cohort's.
+PRETRAINED = config["finetune"]["pretrained"]
+PRETRAIN_DIR = results("pretrain")
+PRETRAINED_ENCODING = None
+if PRETRAINED:
+    if not PRETRAINED.endswith(".pt"):
+        raise WorkflowError(
+            f"finetune.pretrained: {PRETRAINED!r}; expected the path of another cohort's "
+            "results/{cohort}/pretrain/model.pt (exported .mgi bundles are not read yet)"
+        )
+    if os.path.abspath(PRETRAINED) == os.path.abspath(results("pretrain/model.pt")):
+        raise WorkflowError(
+            f"finetune.pretrained: {PRETRAINED!r} is this cohort's own pre-training; set it "
+            "to null (the default) to pre-train this cohort, or name another cohort's"
+        )
+    _own = [v for v in config["finetune"]["variants"] if own_pretraining_kind(v)]
+    if _own:
+        raise WorkflowError(
+            f"finetune.variants: {_own} need a pre-training with their own gene encoder "
+            f"(pretrain/ablation/{{kind}}/), which finetune.pretrained {PRETRAINED!r} does not "
+            "provide; remove them from finetune.variants, or set finetune.pretrained to null"
+        )
+    PRETRAIN_DIR = os.path.dirname(PRETRAINED)
+    PRETRAINED_ENCODING = os.path.join(
+        os.path.dirname(PRETRAIN_DIR), "expression", "encoding.npz"
+    )
+
+
+def pretrain_file(name):
+    """File `name` of the pre-training fine-tuning starts from (pretrain/ of this cohort or of
+    finetune.pretrained's)."""
+    return os.path.join(PRETRAIN_DIR, name)
+
+
 def pretraining_of(variant):
     """The pre-trained checkpoint a variant starts from, or None for the scratch variants
     (mgi.variants.pretraining_of: a gene-encoder ablation whose kind is not
-    model.gene_encoder.kind starts from pretrain/ablation/{kind}/)."""
-    spec = REGISTRY["variants"][variant]
-    if not spec["pretrained"]:
+    model.gene_encoder.kind starts from pretrain/ablation/{kind}/; finetune.pretrained
+    replaces this cohort's pre-training)."""
+    if not REGISTRY["variants"][variant]["pretrained"]:
         return None
-    configured = config["model"]["gene_encoder"]["kind"]
-    kind = spec["gene_encoder"] or configured
-    if kind != configured:
+    kind = own_pretraining_kind(variant)
+    if kind:
         return results(f"pretrain/ablation/{kind}/model.pt")
-    return results("pretrain/model.pt")
+    return pretrain_file("model.pt")
 
 
 def variant_files(name):
@@ -216,7 +259,8 @@ def pretrained_option(wildcards, input):
 
 
 def sequence_inputs(wildcards):
-    """Inputs of the gene sequences: the GTF only for the genomic order, the gene list if set."""
+    """Inputs of the gene sequences: the GTF only for the genomic order, the gene list if set,
+    the pre-training cohort's encoding with finetune.pretrained."""
     inputs = {
         "h5ad": results("expression/expression.h5ad"),
         "splits": results("splits.tsv"),
@@ -225,7 +269,16 @@ def sequence_inputs(wildcards):
         inputs["gtf"] = GENE_ANNOTATION
     if config["expression"].get("gene_list"):
         inputs["gene_list"] = config["expression"]["gene_list"]
+    if PRETRAINED_ENCODING:
+        inputs["from_encoding"] = PRETRAINED_ENCODING
     return inputs
+
+
+def encoding_option(wildcards, input):
+    """`--from-encoding <npz>` when the sequences take the pre-training cohort's encoding."""
+    if "from_encoding" in input.keys():
+        return f"--from-encoding {shlex.quote(input.from_encoding)}"
+    return ""
 
 
 def gtf_option(wildcards, input):

@@ -46,7 +46,9 @@ rule gene_sequences:
     params:
         settings=settings("expression"),
         gtf=gtf_option,
+        encoding=encoding_option,
     shell:
         "mgi sequences --expression {input.h5ad} --splits {input.splits} "
-        "--settings {params.settings:q} {params.gtf} --sequences {output.sequences} "
+        "--settings {params.settings:q} {params.gtf} {params.encoding} "
+        "--sequences {output.sequences} "
         "--vocab {output.vocab} --encoding {output.encoding} > {log} 2>&1"

@@ -5,7 +5,7 @@ rule attribute:
     """Which genes the pre-trained image-gene similarity leans on, over the held-out patients."""
     input:
         unpack(planted_genes),
-        model=results("pretrain/model.pt"),
+        model=pretrain_file("model.pt"),
         sequences=results("expression/sequences.npz"),
         vocab=results("expression/vocab.tsv"),
         splits=results("splits.tsv"),
@@ -36,8 +36,8 @@ rule report:
     """All variants side by side (failed ones as failed), with intervals, curves, retrieval,
     example overlays and gene attribution."""
     input:
-        history=results("pretrain/history.tsv"),
-        retrieval=results("pretrain/retrieval.json"),
+        history=pretrain_file("history.tsv"),
+        retrieval=pretrain_file("retrieval.json"),
         splits=results("splits.tsv"),
         qc=results("images/qc.tsv"),
         banks=image_banks,

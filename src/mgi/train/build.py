@@ -56,6 +56,11 @@ def image_config(model: ModelOptions, imaging: ImagingOptions, *, in_chans: int
     )
 
 
+def image_channels(imaging: ImagingOptions) -> tuple[str, ...] | None:
+    """The image channels in order: imaging.mri.sequences for MRI, None for slides (RGB)."""
+    return tuple(imaging.mri.sequences) if imaging.modality == "mri" else None
+
+
 def unet_config(unet: UNetOptions, imaging: ImagingOptions, *, in_chans: int) -> UNetConfig:
     """The U-Net baseline's config from `finetune.unet` (channels from the image bank)."""
     return UNetConfig(

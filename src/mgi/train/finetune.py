@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from monai.losses import DiceCELoss
 
+from mgi.checkpoint import Pretrained, save_failed, save_finetuned
 from mgi.checkpoint import load_pretrained as read_pretrained
-from mgi.checkpoint import save_failed, save_finetuned
 from mgi.errors import ConfigError, MgiError, TrainingError
 from mgi.io import write_tsv
 from mgi.models import SegmentationModel, UNetSegmentation, freeze_encoder, load_pretrained
@@ -21,7 +21,9 @@ from mgi.models.metrics import volume_metrics
 from mgi.options import FinetuneSettings
 from mgi.progress import progress
 from mgi.train.build import (
+    config_dict,
     gene_config,
+    image_channels,
     image_config,
     pick_device,
     seed_everything,
@@ -111,12 +113,67 @@ def error_line(err: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+# Fields of the encoder configs that shape the weights; each disagreement with the checkpoint
+# is named with the config key (or input) that sets it on the fine-tuning side.
+GENE_FIELDS = {
+    "vocab_size": "the gene vocabulary (expression/vocab.tsv)",
+    "seq_len": "expression.seq_len",
+    "value_encoding": "expression.values",
+    "n_bins": "expression.n_bins",
+    "d_model": "model.gene_encoder.d_model",
+    "n_layers": "model.gene_encoder.n_layers",
+    "d_state": "model.gene_encoder.d_state",
+    "d_conv": "model.gene_encoder.d_conv",
+    "expand": "model.gene_encoder.expand",
+    "bidirectional": "model.gene_encoder.bidirectional",
+    "n_heads": "model.gene_encoder.n_heads",
+    "embed_dim": "model.embed_dim",
+}
+IMAGE_FIELDS = {
+    "model_name": "model.image_encoder.model_name",
+    "img_size": "imaging image size (imaging.mri.image_px or imaging.wsi.tile_px)",
+    "patch_size": "model.image_encoder.patch_size",
+    "in_chans": "image channels (imaging.mri.sequences)",
+    "width": "model.image_encoder.width",
+    "depth": "model.image_encoder.depth",
+    "num_heads": "model.image_encoder.num_heads",
+    "embed_dim": "model.embed_dim",
+    "pos_embed": "model.image_encoder.pos_embed",
+}
+
+
+def check_pretrained(checkpoint: Pretrained, *, path: Path, gene: dict | None, image: dict,
+                     channels: tuple[str, ...] | None) -> None:
+    """Refuse a pre-training whose encoder configs or image channels differ from what the
+    fine-tuning builds (`gene` None: a variant without genes), naming both values."""
+    problems = []
+    for what, ours, theirs, fields in (("gene", gene, checkpoint.gene_config, GENE_FIELDS),
+                                       ("image", image, checkpoint.image_config, IMAGE_FIELDS)):
+        if ours is None:
+            continue
+        for key, source in fields.items():
+            if key in theirs and key in ours and theirs[key] != ours[key]:
+                problems.append(f"{what} encoder {key}: pre-trained {theirs[key]!r}, fine-tuning "
+                                f"builds {ours[key]!r} (from {source})")
+    if checkpoint.channels is not None and channels is not None and (
+            tuple(checkpoint.channels) != tuple(channels)):
+        problems.append(f"image channels: pre-trained on {list(checkpoint.channels)}, "
+                        f"imaging.mri.sequences here is {list(channels)}")
+    if problems:
+        raise ConfigError(f"{path}: the pre-training does not fit this fine-tuning; "
+                          + "; ".join(problems)
+                          + ". Set the fine-tuning cohort's keys to the pre-training's values.")
+
+
 def _load_pretrained(model: SegmentationModel, variant: str, spec: VariantSpec,
-                     settings: FinetuneSettings, pretrained_path: Path | None) -> None:
-    """Copy the pre-trained encoders into the model, after checking the gene encoder kind."""
+                     settings: FinetuneSettings, pretrained_path: Path | None, *,
+                     data: CohortData) -> None:
+    """Copy the pre-trained encoders into the model, after checking the gene encoder kind and
+    that the encoders' configs and image channels are the pre-training's."""
     if pretrained_path is None:
         raise TrainingError(f"variant {variant} needs the pre-trained model (--pretrained)")
     checkpoint = read_pretrained(pretrained_path)
+    gene = None
     if spec.genes:
         kind = spec.gene_kind(settings.model.gene_encoder.kind)
         trained = checkpoint.gene_config.get("kind")
@@ -125,6 +182,13 @@ def _load_pretrained(model: SegmentationModel, variant: str, spec: VariantSpec,
                 f"{pretrained_path}: pre-trained with gene encoder {trained!r}, but variant "
                 f"{variant} uses {kind!r}"
             )
+        gene = config_dict(gene_config(settings.model, settings.expression,
+                                       vocab_size=data.sequences.vocab_size,
+                                       seq_len=data.sequences.token_ids.shape[1], kind=kind))
+    image = config_dict(image_config(settings.model, settings.imaging,
+                                     in_chans=data.images.shape[1]))
+    check_pretrained(checkpoint, path=pretrained_path, gene=gene, image=image,
+                     channels=image_channels(settings.imaging))
     loaded = load_pretrained(model, checkpoint.state_dict)
     log.info("loaded %d pre-trained tensors from %s", len(loaded), pretrained_path)
     freeze = settings.finetune.freeze
@@ -142,7 +206,7 @@ def _train(variant: str, data: CohortData, settings: FinetuneSettings, *,
                           seq_len=data.sequences.token_ids.shape[1],
                           in_chans=data.images.shape[1])
     if spec.pretrained:
-        _load_pretrained(model, variant, spec, settings, pretrained_path)
+        _load_pretrained(model, variant, spec, settings, pretrained_path, data=data)
     model.to(device)
     loss_fn = DiceCELoss(sigmoid=True)
     rng = np.random.default_rng(settings.seed)

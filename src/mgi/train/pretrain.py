@@ -30,6 +30,7 @@ from mgi.train.build import (
     config_dict,
     describe_device,
     gene_config,
+    image_channels,
     image_config,
     seed_everything,
     warmup_cosine,
@@ -87,7 +88,7 @@ def pretrain(
         return None
     return _finish(run.raw, run.data, run.state, run.gene_cfg, run.image_cfg,
                    device=fabric.device, out_dir=out_dir, processes=fabric.world_size,
-                   keep_by=opts.keep_by)
+                   keep_by=opts.keep_by, channels=image_channels(settings.imaging))
 
 
 @dataclass
@@ -288,7 +289,8 @@ def _check_finite(fabric, value: torch.Tensor | float, what: str, *, epoch: int,
 
 
 def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, *,
-            device: torch.device, out_dir: Path, processes: int, keep_by: str) -> dict:
+            device: torch.device, out_dir: Path, processes: int, keep_by: str,
+            channels: tuple[str, ...] | None) -> dict:
     """Load the best weights, score retrieval on every split, write retrieval.json and model.pt."""
     raw.load_state_dict(state["best"]["state_dict"])
     retrieval = {
@@ -302,7 +304,7 @@ def _finish(raw: ClipModel, data: CohortData, state: dict, gene_cfg, image_cfg, 
         tmp.write_text(json.dumps(retrieval, indent=2))
     save_pretrained(out_dir / "model.pt", state_dict=raw.state_dict(),
                     gene_config=config_dict(gene_cfg), image_config=config_dict(image_cfg),
-                    best_epoch=state["best"]["epoch"])
+                    best_epoch=state["best"]["epoch"], channels=channels)
     test = retrieval["test"]["gene_to_image"]
     log.info("test retrieval gene->image recall@1 %.3f (chance %.3f, permutation p %.4f)",
              test["recall@1"], test["chance@1"], test["p_recall@1"])
