@@ -179,7 +179,11 @@ def own_pretraining_kind(variant):
 # finetune.pretrained: another cohort's pre-training, read in place (that cohort's pretrain/
 # folder, and the sequence encoding its gene_sequences wrote beside it); else this cohort's.
 PRETRAINED = config["finetune"]["pretrained"]
-PRETRAIN_DIR = results("pretrain")
+PRETRAIN_FILES = {
+    "model.pt": results("pretrain/model.pt"),
+    "history.tsv": results("pretrain/history.tsv"),
+    "retrieval.json": results("pretrain/retrieval.json"),
+}
 PRETRAINED_ENCODING = None
 if PRETRAINED:
     if not PRETRAINED.endswith(".pt"):
@@ -199,16 +203,17 @@ if PRETRAINED:
             f"(pretrain/ablation/{{kind}}/), which finetune.pretrained {PRETRAINED!r} does not "
             "provide; remove them from finetune.variants, or set finetune.pretrained to null"
         )
-    PRETRAIN_DIR = os.path.dirname(PRETRAINED)
+    _folder = os.path.dirname(PRETRAINED)
+    PRETRAIN_FILES = {name: os.path.join(_folder, name) for name in PRETRAIN_FILES}
     PRETRAINED_ENCODING = os.path.join(
-        os.path.dirname(PRETRAIN_DIR), "expression", "encoding.npz"
+        os.path.dirname(_folder), "expression", "encoding.npz"
     )
 
 
 def pretrain_file(name):
-    """File `name` of the pre-training fine-tuning starts from (pretrain/ of this cohort or of
-    finetune.pretrained's)."""
-    return os.path.join(PRETRAIN_DIR, name)
+    """File `name` (model.pt, history.tsv, retrieval.json) of the pre-training fine-tuning
+    starts from: this cohort's pretrain/, or finetune.pretrained's folder."""
+    return PRETRAIN_FILES[name]
 
 
 def pretraining_of(variant):
