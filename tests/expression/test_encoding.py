@@ -104,7 +104,7 @@ def test_new_cases_align_by_id_versions_ignored_missing_genes_unexpressed(cohort
     fewer.layers["counts"][:] = new.layers["counts"][:, new.var_names != dropped]
     with caplog.at_level(logging.WARNING, logger="mgi.expression.encoding"):
         tokens, values = encoding.encode(fewer)
-    assert "1 of the encoding's 20 genes absent" in caplog.text
+    assert "19 of the encoding's 20 genes found in the cohort, 1 missing" in caplog.text
     at = tokens == 3  # token of vocabulary index 0
     assert at[:, 1:].sum(axis=1).tolist() == [1, 1, 1]
     assert (values[at] == 0).all()

@@ -96,7 +96,8 @@ def test_a_cohort_of_other_genes_finetunes_from_another_cohorts_pretraining(
     adata[:, ~adata.var_names.isin(dropped)].copy().write_h5ad(h5ad)
     run(["snakemake", "results/second/finetune/mgi/status.json", "--cores", "2", *config], work)
     log = (work / "logs/second/gene_sequences.log").read_text()
-    found = re.search(r"(\d+) of the encoding's (\d+) found in the cohort, (\d+) missing", log)
+    found = re.search(r"(\d+) of the encoding's (\d+) genes found in the cohort, (\d+) missing",
+                      log)
     assert found, log[-2000:]
     assert int(found[3]) == 10 and int(found[1]) == int(found[2]) - 10
     assert (work / "results/first/expression/vocab.tsv").read_text() == (

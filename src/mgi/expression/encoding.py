@@ -148,13 +148,11 @@ class SequenceEncoding:
                 f"are present (e.g. missing {list(wanted[columns < 0][:3])}); expected at least "
                 "half: is it the same gene model and id space?"
             )
-        if missing:
-            log.warning("%d of the encoding's %d genes absent from the expression matrix; "
-                        "taken as not expressed", missing, wanted.size)
         unknown = ids.size - (wanted.size - missing)
-        if unknown:
-            log.info("%d gene(s) of the expression matrix are not in the encoding; ignored",
-                     unknown)
+        (log.warning if missing else log.info)(
+            "%d of the encoding's %d genes found in the cohort, %d missing (taken as not "
+            "expressed); %d gene(s) of the cohort not in the encoding (ignored)",
+            wanted.size - missing, wanted.size, missing, unknown)
         return columns
 
     def save(self, path: str | os.PathLike[str]) -> Path:
