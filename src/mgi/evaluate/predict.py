@@ -51,7 +51,8 @@ def predict_patients(*, bundle_path: Path, samples_path: Path, out_dir: Path,
     sheet_path = Path(samples_path).resolve()
     sheet = read_sample_sheet(sheet_path)
     banks = Path(out_dir) / "banks"
-    banks.mkdir(parents=True, exist_ok=True)
+    for folder_path in (banks, Path(out_dir) / "masks", Path(out_dir) / "overlays"):
+        folder_path.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     qc_rows, profiles = [], {}
     for record in sheet.to_dict("records"):
