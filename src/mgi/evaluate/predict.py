@@ -132,7 +132,9 @@ def _bank(study: Path, *, case_id: str, bundle: Bundle, bank_path: Path, raw_dir
                                   "sources.tcia.nifti_labels")
     row = folder.patient_row(case_id, study, layout=layout_of(study), labels=labels,
                              raw_dir=raw_dir, options=options, choices=[])
-    return build_mri_bank(image_id=case_id, case_id=case_id, series_root=row["path"],
+    # a DICOM study's row path is radiology/{case_id} under raw_dir (its series.tsv); the
+    # other layouts' are absolute
+    return build_mri_bank(image_id=case_id, case_id=case_id, series_root=raw_dir / row["path"],
                           mask_dir=None, out_path=bank_path, options=options)
 
 
