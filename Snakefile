@@ -14,12 +14,14 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
-# The first rule is the default target: the report of the configured cohort.
+# The first rule is the default target: the report of the configured cohort, and the
+# predictions for new patients when predict.samples names their sample sheet.
 rule all:
     """The report of the configured cohort, and everything it needs."""
     input:
         results("report/report.html"),
         results("report/metrics.json"),
+        predict_targets(),
 
 
 include: "workflow/rules/acquire.smk"
@@ -29,3 +31,4 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/predict.smk"

@@ -27,6 +27,7 @@ def test_registry_json_is_current():
 def test_schema_enums_are_the_registry():
     variants = SCHEMA["finetune"]["properties"]["variants"]["items"]["enum"]
     assert variants == list(VARIANTS)
+    assert SCHEMA["predict"]["properties"]["variant"]["enum"] == list(VARIANTS)
     kinds = SCHEMA["model"]["properties"]["gene_encoder"]["properties"]["kind"]["enum"]
     assert kinds == list(GENE_ENCODER_KINDS)
 

@@ -354,6 +354,14 @@ class EvaluateOptions:
 
 
 @dataclass(frozen=True)
+class PredictOptions:
+    """predict: a variant's bundle applied to the new patients of a sample sheet."""
+
+    samples: str | None = default_of("predict.samples")
+    variant: str = default_of("predict.variant")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole config (what `snakemake` validated), typed."""
 
@@ -369,6 +377,7 @@ class Config:
     pretrain: PretrainOptions = field(default_factory=PretrainOptions)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     evaluate: EvaluateOptions = field(default_factory=EvaluateOptions)
+    predict: PredictOptions = field(default_factory=PredictOptions)
 
 
 # --- what each stage's rule passes with --settings ------------------------------------------

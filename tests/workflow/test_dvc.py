@@ -74,11 +74,13 @@ def _planned_jobs(dry_run: str) -> list[dict]:
     return [job for job in jobs if job["outputs"]]  # not `all`
 
 
-def _snakemake_jobs(work: Path) -> list[dict]:
-    """Every job of the tiny cohort's DAG, the acquisition (a checkpoint, run first) included."""
+def _snakemake_jobs(work: Path, variants: list[str]) -> list[dict]:
+    """Every job of the tiny cohort's DAG, the acquisition (a checkpoint, run first) and the
+    variants' bundles (stage export; no part of the default target) included."""
     run(["snakemake", "--cores", "1", "data/tiny/raw/images.tsv"], work)
     acquire = run(["snakemake", "--cores", "1", "-n", "-p", "-F", "data/tiny/raw/images.tsv"], work)
-    rest = run(["snakemake", "--cores", "1", "-n", "-p"], work)
+    bundles = [f"results/tiny/export/{variant}.mgi" for variant in variants]
+    rest = run(["snakemake", "--cores", "1", "-n", "-p", "all", *bundles], work)
     return _planned_jobs(acquire.stdout) + _planned_jobs(rest.stdout)
 
 
@@ -110,7 +112,7 @@ def test_dvc_stages_cover_every_snakemake_rule(tmp_path: Path, tiny_config: dict
         tiny_config["imaging"]["modality"] = "wsi"
         tiny_config["expression"]["order"] = "genomic"
     work = make_workdir(tmp_path, tiny_config)
-    jobs = _snakemake_jobs(work)
+    jobs = _snakemake_jobs(work, tiny_config["finetune"]["variants"])
     stages = _dvc_stages(work)
     rules = {job["rule"] for job in jobs}
     assert {"synthesize", "image_qc", "pretrain", "finetune", "evaluate", "report"} <= rules

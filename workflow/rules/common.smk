@@ -162,6 +162,25 @@ def bundle_inputs(wildcards):
     return inputs
 
 
+def predict_sheet(wildcards):
+    """The sample sheet of the new patients (predict.samples); an error when it is not set."""
+    sheet = config["predict"]["samples"]
+    if not sheet:
+        raise WorkflowError(
+            "predict.samples: not set; predictions for new patients need a sample sheet "
+            "(TSV: case_id, expression, image; see README.md, 'Using a trained model on new "
+            "patients')"
+        )
+    return sheet
+
+
+def predict_targets():
+    """volumes.tsv of predict.variant when predict.samples is set, else nothing."""
+    if not config["predict"]["samples"]:
+        return []
+    return [results(f"predict/{config['predict']['variant']}/volumes.tsv")]
+
+
 # model.gene_encoder.kind's enum; variant mgi_{kind} is the gene-encoder ablation of that kind
 GENE_ENCODER_KINDS = tuple(REGISTRY["gene_encoder_kinds"])
 PRETRAIN_SECTIONS = ("model", "pretrain", "imaging", "expression", "seed")
