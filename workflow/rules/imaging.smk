@@ -45,7 +45,9 @@ else:
             mem_mb=2000,
         params:
             settings=settings("imaging", "seed"),
-            raw_dir=folder_of("table", of="input"),
+            # not from the input: before the image table exists (a bundle asked for first),
+            # Snakemake stands the checkpoint's output in for this rule's inputs
+            raw_dir=os.path.dirname(raw("images.tsv")),
         shell:
             "mgi stain-reference --images {input.table} --raw-dir {params.raw_dir} "
             "--settings {params.settings:q} --out {output.reference} > {log} 2>&1"
