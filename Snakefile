@@ -17,10 +17,10 @@ include: "workflow/rules/common.smk"
 # The first rule is the default target: the report of the configured cohort, and the
 # predictions for new patients when predict.samples names their sample sheet.
 rule all:
-    """The report of the configured cohort, and everything it needs."""
+    """The report of the configured cohort, and everything it needs (with a bundle as
+    finetune.pretrained: the variants' evaluation and the gene attribution)."""
     input:
-        results("report/report.html"),
-        results("report/metrics.json"),
+        report_targets(),
         predict_targets(),
 
 

@@ -10,6 +10,9 @@ bundle is caught by its manifest. Members:
 - `config.json`: variant, modality, the checkpoint's settings (imaging: how images are banked and
   normalised) and the evaluate threshold;
 - `stain_reference.json`: the cohort's fitted stain normaliser, where it has one;
+- `pretrain.pt`: for a variant that starts from pre-training (mgi.variants.pretraining_of), the
+  pre-training checkpoint it was fine-tuned from, so that another cohort can fine-tune from the
+  bundle (`mgi unbundle`, finetune.pretrained: a `.mgi` file);
 - `manifest.json`: bundle format and version, package and library versions, and the SHA-256 of
   every other member. `load_bundle` verifies them and refuses another format version.
 """
@@ -21,21 +24,22 @@ import io
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from mgi.checkpoint import Finetuned, load_finetuned
+from mgi.checkpoint import Finetuned, load_finetuned, load_pretrained
 from mgi.errors import BundleError, MgiError
 from mgi.expression.encoding import SequenceEncoding
 from mgi.io import atomic_path
 from mgi.layout import results_path
 from mgi.options import FinetuneSettings, as_dict
+from mgi.variants import pretraining_of, variant_spec
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "mgi-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: pretrain.pt of the variants that start from pre-training
 LIBRARIES = ("mgi", "torch", "monai", "timm", "pydicom", "SimpleITK")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: same inputs, same bytes
 
@@ -52,6 +56,12 @@ class Bundle:
     encoding: SequenceEncoding
     stain_reference: dict | None
     manifest: dict
+    members: dict[str, bytes] = field(repr=False, default_factory=dict)  # verified bytes
+
+    @property
+    def pretrain(self) -> bytes | None:
+        """The pre-training checkpoint the variant was fine-tuned from; None for scratch ones."""
+        return self.members.get("pretrain.pt")
 
     @property
     def settings(self) -> FinetuneSettings:
@@ -71,9 +81,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def export_bundle(*, variant: str, results_dir: Path, out_path: Path,
-                  threshold: float) -> Path:
-    """Write the bundle of fine-tuned `variant` of the cohort at `results_dir` to `out_path`."""
+def export_bundle(*, variant: str, results_dir: Path, out_path: Path, threshold: float,
+                  pretrain_path: Path | None = None) -> Path:
+    """Write the bundle of fine-tuned `variant` of the cohort at `results_dir` to `out_path`.
+
+    A variant that starts from pre-training also carries that checkpoint: `pretrain_path`, by
+    default the cohort's own (pretrain/model.pt, or the ablation's pretrain/ablation/{kind}/).
+    """
     model_path = results_path(results_dir, "finetune_model", variant=variant)
     encoding_path = results_path(results_dir, "encoding")
     stain_path = results_path(results_dir, "stain_reference")
@@ -90,6 +104,17 @@ def export_bundle(*, variant: str, results_dir: Path, out_path: Path,
                           f"{variant!r}")
     settings = checkpoint.settings
     assert settings is not None
+    if variant_spec(variant).pretrained:
+        if pretrain_path is None:
+            folder = pretraining_of(variant, configured_kind=settings.model.gene_encoder.kind)
+            pretrain_path = Path(results_dir) / str(folder) / "model.pt"
+        if not Path(pretrain_path).is_file():
+            raise BundleError(f"{pretrain_path}: not found; expected the pre-training "
+                              f"checkpoint variant {variant} was fine-tuned from")
+        load_pretrained(Path(pretrain_path))  # refuse a bad checkpoint now
+    elif pretrain_path is not None:
+        raise BundleError(f"{pretrain_path}: variant {variant} starts from scratch; it has no "
+                          "pre-training to bundle")
     SequenceEncoding.load(encoding_path)  # refuse a bad encoding now, not at prediction
     imaging = settings.imaging
     needs_stain = imaging.modality == "wsi" and imaging.wsi.stain.method != "none"
@@ -105,6 +130,8 @@ def export_bundle(*, variant: str, results_dir: Path, out_path: Path,
     }
     if stain_path.is_file():
         members["stain_reference.json"] = stain_path.read_bytes()
+    if pretrain_path is not None:
+        members["pretrain.pt"] = Path(pretrain_path).read_bytes()
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
@@ -170,7 +197,28 @@ def load_bundle(path: Path) -> Bundle:
     return Bundle(path=path, variant=config["variant"], modality=config["modality"],
                   threshold=float(config["evaluate"]["threshold"]), checkpoint=checkpoint,
                   encoding=encoding, stain_reference=json.loads(stain) if stain else None,
-                  manifest=manifest)
+                  manifest=manifest, members=members)
+
+
+def unbundle(*, bundle_path: Path, pretrain_out: Path, encoding_out: Path) -> Bundle:
+    """Verify a bundle and write its pre-training checkpoint and encoding (each atomically):
+    what another cohort fine-tunes from (finetune.pretrained: a `.mgi` file)."""
+    bundle = load_bundle(bundle_path)
+    if bundle.pretrain is None:
+        raise BundleError(f"{bundle.path}: variant {bundle.variant} starts from scratch; the "
+                          "bundle holds no pretrain.pt to fine-tune from (export a variant that "
+                          "starts from pre-training, e.g. mgi)")
+    try:
+        load_pretrained(Path(bundle.path) / "pretrain.pt", data=bundle.pretrain)
+    except MgiError as err:
+        raise BundleError(f"{bundle.path}: {err}") from err
+    for out, data in ((pretrain_out, bundle.pretrain), (encoding_out,
+                                                        bundle.members["encoding.npz"])):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(data)
+    log.info("pre-training of %s from %s -> %s, %s", bundle.variant, bundle.path, pretrain_out,
+             encoding_out)
+    return bundle
 
 
 def _check_format(path: Path, manifest: dict) -> None:

@@ -125,10 +125,10 @@ def save_pretrained(path: Path, *, state_dict: dict, gene_config: dict, image_co
                      "channels": list(channels) if channels is not None else None}, path)
 
 
-def load_pretrained(path: Path) -> Pretrained:
-    """Read pretrain/model.pt (MgiError naming the file if it is not one)."""
+def load_pretrained(path: Path, *, data: bytes | None = None) -> Pretrained:
+    """Read pretrain/model.pt, or its bytes `data` (MgiError naming `path` if not one)."""
     checkpoint = _load(path, what="pre-training", keys=("state_dict", "gene_config",
-                                                        "image_config"))
+                                                        "image_config"), data=data)
     channels = checkpoint.get("channels")
     return Pretrained(checkpoint["state_dict"], checkpoint["gene_config"],
                       checkpoint["image_config"], int(checkpoint.get("best_epoch", 0)),

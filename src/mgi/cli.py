@@ -249,7 +249,15 @@ def _export(args: argparse.Namespace) -> None:
     settings = (stage_settings(EvaluateSettings, args.settings) if args.settings
                 else EvaluateSettings(evaluate=EvaluateOptions()))
     export_bundle(variant=args.variant, results_dir=Path(args.results), out_path=Path(args.out),
-                  threshold=settings.evaluate.threshold)
+                  threshold=settings.evaluate.threshold,
+                  pretrain_path=Path(args.pretrain) if args.pretrain else None)
+
+
+def _unbundle(args: argparse.Namespace) -> None:
+    from mgi.bundle import unbundle
+
+    unbundle(bundle_path=Path(args.bundle), pretrain_out=Path(args.pretrain),
+             encoding_out=Path(args.encoding))
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -378,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="the cohort's results folder")
     p.add_argument("--out", required=True, help="the bundle file (.mgi, a zip)")
     p.add_argument("--settings", help="the evaluate section (its threshold) [schema default]")
+    p.add_argument("--pretrain", help="the pre-training checkpoint the variant was fine-tuned "
+                   "from [pretrain/model.pt, or the ablation's, of --results]")
+
+    p = command("unbundle", _unbundle, "a bundle's pre-training and encoding, to fine-tune from")
+    p.add_argument("--bundle", required=True, help="the model bundle (mgi export)")
+    p.add_argument("--pretrain", required=True, help="where its pretrain.pt goes")
+    p.add_argument("--encoding", required=True, help="where its encoding.npz goes")
 
     p = command("predict", _predict, "a bundled model applied to new patients of a sample sheet")
     p.add_argument("--bundle", required=True, help="the model bundle (mgi export)")

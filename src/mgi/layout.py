@@ -30,6 +30,8 @@ RESULTS = {
     "ablation_model": "pretrain/ablation/{kind}/model.pt",
     "ablation_history": "pretrain/ablation/{kind}/history.tsv",
     "ablation_retrieval": "pretrain/ablation/{kind}/retrieval.json",
+    "pretrained_model": "pretrained/model.pt",  # finetune.pretrained: a bundle's (unbundled)
+    "pretrained_encoding": "pretrained/encoding.npz",
     "finetunes": "finetune",
     "finetune_model": "finetune/{variant}/model.pt",
     "finetune_history": "finetune/{variant}/history.tsv",

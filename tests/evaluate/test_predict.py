@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mgi.acquire import folder
-from mgi.checkpoint import save_finetuned
+from mgi.checkpoint import save_finetuned, save_pretrained
 from mgi.cli import main
 from mgi.evaluate.predict import read_profile
 from mgi.evaluate.segmentation import evaluate_variant
@@ -27,6 +27,12 @@ from mgi.train.finetune import build_variant
 from tests.acquire.local_files import write_lgg_patient, write_sheet, write_star
 from tests.evaluate.test_segmentation import small
 from tests.train.conftest import schema_defaults
+
+
+def pretrain_stub(res) -> None:
+    """pretrain/model.pt, which the bundle of mgi (a pre-trained variant) carries."""
+    save_pretrained(res / "pretrain/model.pt", state_dict={}, gene_config={}, image_config={},
+                    best_epoch=1)
 
 CASES = ["P0", "P1", "P2", "P3", "P4"]
 SPLITS = ["train", "train", "train", "test", "test"]
@@ -69,6 +75,7 @@ def test_predict_from_raw_files_gives_evaluates_masks(tmp_path):
     save_finetuned(res / "finetune/mgi/model.pt", variant="mgi", state_dict=model.state_dict(),
                    settings=typed, vocab_size=len(seqs.vocab), in_chans=3, best_epoch=1,
                    val_dice=0.5)
+    pretrain_stub(res)
     evaluate_variant(
         model_path=res / "finetune/mgi/model.pt", sequences_path=res / "expression/sequences.npz",
         splits_path=res / "splits.tsv", qc_path=res / "images/qc.tsv",
@@ -160,6 +167,7 @@ def test_predict_slides_gives_evaluates_tile_masks_and_areas(tmp_path):
     save_finetuned(res / "finetune/mgi/model.pt", variant="mgi", state_dict=model.state_dict(),
                    settings=typed, vocab_size=len(seqs.vocab), in_chans=3, best_epoch=1,
                    val_dice=0.5)
+    pretrain_stub(res)
     evaluate_variant(
         model_path=res / "finetune/mgi/model.pt", sequences_path=res / "expression/sequences.npz",
         splits_path=res / "splits.tsv", qc_path=res / "images/qc.tsv",

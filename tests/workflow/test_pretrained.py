@@ -59,7 +59,10 @@ def test_the_glioma_pair_is_planned_the_finetuning_without_its_own_pretraining(t
 @pytest.mark.parametrize(("pretrained", "variants", "message"), [
     ("results/a/pretrain/model.pt", ["mgi", "mgi_transformer"],
      r"finetune.variants: \['mgi_transformer'\] need a pre-training with their own gene encoder"),
-    ("exports/glioma.mgi", ["mgi"], r"expected the path of another cohort's .*pretrain/model.pt"),
+    ("exports/glioma.ckpt", ["mgi"],
+     r"expected the path of another cohort's .*pretrain/model.pt or of an exported bundle"),
+    ("exports/glioma.mgi", ["mgi", "mgi_transformer"],
+     r"finetune.variants: \['mgi_transformer'\] need a pre-training with their own gene encoder"),
     ("results/tiny/pretrain/model.pt", ["mgi"], r"is this cohort's own pre-training"),
 ])
 def test_unusable_pretrained_settings_are_config_errors(tmp_path: Path, tiny_config: dict,
@@ -70,6 +73,35 @@ def test_unusable_pretrained_settings_are_config_errors(tmp_path: Path, tiny_con
                  check=False)
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stderr[-2000:]
+
+
+def test_a_bundle_is_unbundled_and_no_pretraining_is_planned(tmp_path: Path, tiny_config: dict):
+    tiny_config["finetune"].update(pretrained="exports/first.mgi", variants=["mgi", "vit_scratch"])
+    work = make_workdir(tmp_path, tiny_config)
+    (work / "exports").mkdir()
+    (work / "exports" / "first.mgi").touch()
+    cohort = f"results/{tiny_config['cohort']}"
+    result = run(["snakemake", "--cores", "1", "-n", "-p"], work)
+    out = result.stdout + result.stderr
+    planned = _planned(out)
+    assert planned.count("unbundle_pretrained") == 1
+    assert "pretrain" not in planned and "pretrain_ablation" not in planned
+    assert "report" not in planned  # a bundle has no pre-training curves or retrieval
+    assert planned.count("finetune") == 2 and planned.count("evaluate") == 2
+    assert "attribute" in planned and "gene_sequences" in planned
+    assert f"mgi unbundle --bundle exports/first.mgi --pretrain {cohort}/pretrained/model.pt " \
+        f"--encoding {cohort}/pretrained/encoding.npz" in out
+    assert f"--from-encoding {cohort}/pretrained/encoding.npz" in out
+    assert out.count(f"--pretrained {cohort}/pretrained/model.pt") == 1  # mgi only
+    assert f"--model {cohort}/pretrained/model.pt" in out  # the attribution's
+    assert f"{cohort}/pretrain/" not in out
+    export = run(["snakemake", "--cores", "1", "-n", "-p", f"{cohort}/export/mgi.mgi"], work)
+    assert f"--pretrain {cohort}/pretrained/model.pt" in export.stdout + export.stderr
+    report = run(["snakemake", "--cores", "1", "-n", f"{cohort}/report/report.html"], work,
+                 check=False)
+    assert report.returncode != 0
+    assert "is a bundle: it carries no pre-training history.tsv" in (
+        report.stdout + report.stderr)
 
 
 def test_a_cohort_of_other_genes_finetunes_from_another_cohorts_pretraining(

@@ -152,14 +152,25 @@ def cohort_results(wildcards, input):
 
 
 def bundle_inputs(wildcards):
-    """Inputs of a variant's bundle: its checkpoint, the encoding, the stain reference if used."""
+    """Inputs of a variant's bundle: its checkpoint, the encoding, the stain reference if used,
+    and the pre-training it started from (variants that start from pre-training)."""
     inputs = {
         "model": results(f"finetune/{wildcards.variant}/model.pt"),
         "encoding": results("expression/encoding.npz"),
     }
+    pretrained = pretraining_of(wildcards.variant)
+    if pretrained:
+        inputs["pretrain"] = pretrained
     if MODALITY == "wsi" and STAIN_METHOD != "none":
         inputs["stain"] = STAIN_REFERENCE
     return inputs
+
+
+def bundle_pretrain_option(wildcards, input):
+    """`--pretrain <checkpoint>` for a bundle of a variant that starts from pre-training."""
+    if "pretrain" in input.keys():
+        return f"--pretrain {shlex.quote(input.pretrain)}"
+    return ""
 
 
 def predict_sheet(wildcards):
@@ -196,8 +207,11 @@ def own_pretraining_kind(variant):
 
 
 # finetune.pretrained: another cohort's pre-training, read in place (that cohort's pretrain/
-# folder, and the sequence encoding its gene_sequences wrote beside it); else this cohort's.
+# folder, and the sequence encoding its gene_sequences wrote beside it), or an exported bundle
+# (.mgi), whose pretrain.pt and encoding.npz unbundle_pretrained writes to pretrained/; else
+# this cohort's. A bundle carries no pre-training curves or retrieval: no report then.
 PRETRAINED = config["finetune"]["pretrained"]
+BUNDLED = bool(PRETRAINED) and PRETRAINED.endswith(".mgi")
 PRETRAIN_FILES = {
     "model.pt": results("pretrain/model.pt"),
     "history.tsv": results("pretrain/history.tsv"),
@@ -205,10 +219,10 @@ PRETRAIN_FILES = {
 }
 PRETRAINED_ENCODING = None
 if PRETRAINED:
-    if not PRETRAINED.endswith(".pt"):
+    if not PRETRAINED.endswith(".pt") and not BUNDLED:
         raise WorkflowError(
             f"finetune.pretrained: {PRETRAINED!r}; expected the path of another cohort's "
-            "results/{cohort}/pretrain/model.pt (exported .mgi bundles are not read yet)"
+            "results/{cohort}/pretrain/model.pt or of an exported bundle (.mgi, mgi export)"
         )
     if os.path.abspath(PRETRAINED) == os.path.abspath(results("pretrain/model.pt")):
         raise WorkflowError(
@@ -222,17 +236,41 @@ if PRETRAINED:
             f"(pretrain/ablation/{{kind}}/), which finetune.pretrained {PRETRAINED!r} does not "
             "provide; remove them from finetune.variants, or set finetune.pretrained to null"
         )
-    _folder = os.path.dirname(PRETRAINED)
-    PRETRAIN_FILES = {name: os.path.join(_folder, name) for name in PRETRAIN_FILES}
-    PRETRAINED_ENCODING = os.path.join(
-        os.path.dirname(_folder), "expression", "encoding.npz"
-    )
+    if BUNDLED:
+        PRETRAIN_FILES = {"model.pt": results("pretrained/model.pt")}
+        PRETRAINED_ENCODING = results("pretrained/encoding.npz")
+    else:
+        _folder = os.path.dirname(PRETRAINED)
+        PRETRAIN_FILES = {name: os.path.join(_folder, name) for name in PRETRAIN_FILES}
+        PRETRAINED_ENCODING = os.path.join(
+            os.path.dirname(_folder), "expression", "encoding.npz"
+        )
 
 
 def pretrain_file(name):
     """File `name` (model.pt, history.tsv, retrieval.json) of the pre-training fine-tuning
-    starts from: this cohort's pretrain/, or finetune.pretrained's folder."""
+    starts from: this cohort's pretrain/, finetune.pretrained's folder, or (model.pt only) the
+    bundle's, unbundled to pretrained/."""
+    if name not in PRETRAIN_FILES:
+        raise WorkflowError(
+            f"finetune.pretrained {PRETRAINED!r} is a bundle: it carries no pre-training "
+            f"{name} (curves, retrieval), so there is no report; the default target is the "
+            "variants' evaluation (finetune/{variant}/status.json) and the gene attribution"
+        )
     return PRETRAIN_FILES[name]
+
+
+def pretrain_input(name):
+    """An input function: pretrain_file(name), asked only when the rule is planned."""
+    return lambda wildcards: pretrain_file(name)
+
+
+def report_targets():
+    """The report and its metrics; with a bundle (no pre-training curves or retrieval), the
+    variants' evaluation and the gene attribution instead."""
+    if BUNDLED:
+        return variant_files("status.json") + [results("report/gene_attribution.tsv")]
+    return [results("report/report.html"), results("report/metrics.json")]
 
 
 def pretraining_of(variant):

@@ -63,7 +63,8 @@ rule evaluate:
 
 
 rule export:
-    """A variant's bundle (one zip): checkpoint, encoding, settings, stain reference, versions."""
+    """A variant's bundle (one zip): checkpoint, encoding, settings, stain reference, versions
+    and the pre-training it started from."""
     input:
         unpack(bundle_inputs),
     output:
@@ -80,6 +81,7 @@ rule export:
     params:
         settings=settings("evaluate"),
         results=cohort_results,
+        pretrain=bundle_pretrain_option,
     shell:
-        "mgi export --variant {wildcards.variant} --results {params.results} "
+        "mgi export --variant {wildcards.variant} --results {params.results} {params.pretrain} "
         "--out {output.bundle} --settings {params.settings:q} > {log} 2>&1"

@@ -62,3 +62,24 @@ rule pretrain_ablation:
         "--settings {params.settings:q} --out-dir {params.out_dir} "
         "--devices {resources.tasks_per_node} --num-nodes {resources.nodes} "
         "--threads {threads} > {log} 2>&1"
+
+
+if BUNDLED:
+
+    rule unbundle_pretrained:
+        """The pre-training checkpoint and sequence encoding of the bundle finetune.pretrained."""
+        input:
+            bundle=PRETRAINED,
+        output:
+            model=results("pretrained/model.pt"),
+            encoding=results("pretrained/encoding.npz"),
+        log:
+            logs("unbundle_pretrained.log"),
+        conda:
+            ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+        shell:
+            "mgi unbundle --bundle {input.bundle:q} --pretrain {output.model} "
+            "--encoding {output.encoding} > {log} 2>&1"

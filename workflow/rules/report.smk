@@ -36,8 +36,8 @@ rule report:
     """All variants side by side (failed ones as failed), with intervals, curves, retrieval,
     example overlays and gene attribution."""
     input:
-        history=pretrain_file("history.tsv"),
-        retrieval=pretrain_file("retrieval.json"),
+        history=pretrain_input("history.tsv"),
+        retrieval=pretrain_input("retrieval.json"),
         splits=results("splits.tsv"),
         qc=results("images/qc.tsv"),
         banks=image_banks,
