@@ -46,7 +46,7 @@ def results(tmp_path_factory) -> Path:
 
 def export(results: Path, out: Path, variant: str = "mgi", *extra: str) -> int:
     return main(["export", "--variant", variant, "--results", str(results), "--out", str(out),
-                 "--settings", '{"evaluate": {"threshold": 0.4}}', *extra])
+                 "--threshold", "0.4", *extra])
 
 
 def test_bundle_holds_checkpoint_encoding_settings_versions_and_reads_back(results, tmp_path):

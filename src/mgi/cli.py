@@ -246,10 +246,10 @@ def _attribute(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from mgi.bundle import export_bundle
 
-    settings = (stage_settings(EvaluateSettings, args.settings) if args.settings
-                else EvaluateSettings(evaluate=EvaluateOptions()))
+    threshold = (args.threshold if args.threshold is not None
+                 else EvaluateOptions().threshold)
     export_bundle(variant=args.variant, results_dir=Path(args.results), out_path=Path(args.out),
-                  threshold=settings.evaluate.threshold,
+                  threshold=threshold,
                   pretrain_path=Path(args.pretrain) if args.pretrain else None)
 
 
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", required=True)
     p.add_argument("--results", required=True, help="the cohort's results folder")
     p.add_argument("--out", required=True, help="the bundle file (.mgi, a zip)")
-    p.add_argument("--settings", help="the evaluate section (its threshold) [schema default]")
+    p.add_argument("--threshold", type=float,
+                   help="evaluate.threshold: the probability a mask is cut at [schema default]")
     p.add_argument("--pretrain", help="the pre-training checkpoint the variant was fine-tuned "
                    "from [pretrain/model.pt, or the ablation's, of --results]")
 

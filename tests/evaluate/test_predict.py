@@ -3,8 +3,6 @@ a patient with a missing image is a failed row."""
 
 from __future__ import annotations
 
-import json
-
 import anndata as ad
 import nibabel as nib
 import numpy as np
@@ -87,7 +85,7 @@ def test_predict_from_raw_files_gives_evaluates_masks(tmp_path):
     # New patients: the test patients from their raw files, and one whose image is missing.
     assert main(["export", "--variant", "mgi", "--results", str(res),
                  "--out", str(tmp_path / "mgi.mgi"),
-                 "--settings", json.dumps({"evaluate": {"threshold": 0.5}})]) == 0
+                 "--threshold", "0.5"]) == 0
     sheet = write_sheet(tmp_path / "new" / "samples.tsv", [
         {"case_id": "P3", "expression": str(raw / "P3.tsv"), "image": str(raw / "P3")},
         {"case_id": "P4", "expression": str(raw / "P4.tsv"), "image": str(raw / "P4")},
@@ -178,7 +176,7 @@ def test_predict_slides_gives_evaluates_tile_masks_and_areas(tmp_path):
 
     assert main(["export", "--variant", "mgi", "--results", str(res),
                  "--out", str(tmp_path / "mgi.mgi"),
-                 "--settings", json.dumps({"evaluate": {"threshold": 0.5}})]) == 0
+                 "--threshold", "0.5"]) == 0
     sheet = write_sheet(tmp_path / "new" / "samples.tsv", [
         {"case_id": "S2", "expression": str(raw / "S2.tsv"), "image": str(slides["S2"].path)},
         {"case_id": "NEW1", "expression": str(raw / "S0.tsv"), "image": str(raw / "gone.svs")},

@@ -79,9 +79,9 @@ rule export:
     resources:
         mem_mb=2000,
     params:
-        settings=settings("evaluate"),
+        threshold=config["evaluate"]["threshold"],
         results=cohort_results,
         pretrain=bundle_pretrain_option,
     shell:
         "mgi export --variant {wildcards.variant} --results {params.results} {params.pretrain} "
-        "--out {output.bundle} --settings {params.settings:q} > {log} 2>&1"
+        "--out {output.bundle} --threshold {params.threshold} > {log} 2>&1"
