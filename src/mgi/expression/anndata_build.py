@@ -100,20 +100,8 @@ def build_expression(
         paths, columns=(COUNTS_COLUMN, *columns.values()), dtype=np.float32
     )
     counts = values.pop(COUNTS_COLUMN)
-    obs = pd.DataFrame(
-        {
-            "case_id": rows["case_id"].to_numpy(),
-            "file_id": rows["id"].to_numpy(),
-            "file_name": rows["filename"].to_numpy(),
-            "sample_barcode": rows["sample_barcode"].to_numpy(),
-            "sample_type": rows["sample_type"].to_numpy(),
-            "project_id": _project_ids(rows, clinical_path),
-            "n_profiles": rows["n_profiles"].to_numpy(),
-            "total_counts": counts.sum(axis=1, dtype=np.float64),
-            **{col: qc[col].to_numpy() for col in QC_ROWS.values()},
-        },
-        index=pd.Index(rows["case_id"].to_numpy(), name=None),
-    )
+    obs = _obs(rows, counts, clinical_path=clinical_path,
+               qc={col: qc[col].to_numpy() for col in QC_ROWS.values()})
     adata = ad.AnnData(
         X=counts,
         obs=obs,
@@ -131,16 +119,10 @@ def build_expression(
     return adata
 
 
-def _from_matrix(
-    matrix: Path, rows: pd.DataFrame, *, clinical_path: str | os.PathLike[str] | None,
-    layers: Sequence[str],
-) -> ad.AnnData:
-    """build_expression's AnnData from the matrix columns the rows' `filename` names."""
-    genes, counts, gene_model = read_matrix(matrix, samples=rows["filename"].tolist())
-    if layers:
-        log.warning("%s: a count matrix has no %s values (no gene lengths); only the counts "
-                    "are kept", matrix, list(layers))
-    obs = pd.DataFrame(
+def _obs(rows: pd.DataFrame, counts: np.ndarray, *, clinical_path: str | os.PathLike[str] | None,
+         qc: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The cases' obs table: file and sample fields, project, total counts, STAR QC."""
+    return pd.DataFrame(
         {
             "case_id": rows["case_id"].to_numpy(),
             "file_id": rows["id"].to_numpy(),
@@ -150,10 +132,23 @@ def _from_matrix(
             "project_id": _project_ids(rows, clinical_path),
             "n_profiles": rows["n_profiles"].to_numpy(),
             "total_counts": counts.sum(axis=1, dtype=np.float64),
-            **{col: np.full(len(rows), np.nan) for col in QC_ROWS.values()},
+            **qc,
         },
         index=pd.Index(rows["case_id"].to_numpy(), name=None),
     )
+
+
+def _from_matrix(
+    matrix: Path, rows: pd.DataFrame, *, clinical_path: str | os.PathLike[str] | None,
+    layers: Sequence[str],
+) -> ad.AnnData:
+    """build_expression's AnnData from the matrix columns the rows' `filename` names."""
+    genes, counts, gene_model = read_matrix(matrix, samples=rows["filename"].tolist())
+    if layers:
+        log.warning("%s: a count matrix has no %s values (no gene lengths); only the counts "
+                    "are kept", matrix, list(layers))
+    obs = _obs(rows, counts, clinical_path=clinical_path,  # no STAR QC rows in a matrix
+               qc={col: np.full(len(rows), np.nan) for col in QC_ROWS.values()})
     adata = ad.AnnData(X=counts, obs=obs, var=_var_table(genes, matrix),
                        layers={"counts": counts.copy()})
     adata.uns["gene_model"] = gene_model
