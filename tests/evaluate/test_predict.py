@@ -36,6 +36,33 @@ CASES = ["P0", "P1", "P2", "P3", "P4"]
 SPLITS = ["train", "train", "train", "test", "test"]
 
 
+def evaluate_untrained_mgi(res, typed, profiles, splits, *, bundle) -> None:
+    """results/ of a finished run from its banks' QC rows and profiles: qc.tsv, splits,
+    sequences and encoding, an untrained `mgi` checkpoint, evaluate's masks, and its bundle."""
+    write_tsv(merge_qc(sorted((res / "images" / "qc").glob("*.tsv"))), res / "images/qc.tsv")
+    write_tsv(splits, res / "splits.tsv")
+    seqs = build_sequences(ad.concat(profiles, merge="same", uns_merge="same"), splits,
+                           config=typed.expression)
+    write_sequences(seqs, sequences_path=res / "expression/sequences.npz",
+                    vocab_path=res / "expression/vocab.tsv")
+    seqs.encoding.save(res / "expression/encoding.npz")
+    torch.manual_seed(0)
+    model = build_variant("mgi", typed, vocab_size=len(seqs.vocab), seq_len=8, in_chans=3)
+    save_finetuned(res / "finetune/mgi/model.pt", variant="mgi", state_dict=model.state_dict(),
+                   settings=typed, vocab_size=len(seqs.vocab), in_chans=3, best_epoch=1,
+                   val_dice=0.5)
+    pretrain_stub(res)
+    evaluate_variant(
+        model_path=res / "finetune/mgi/model.pt", sequences_path=res / "expression/sequences.npz",
+        splits_path=res / "splits.tsv", qc_path=res / "images/qc.tsv",
+        settings=stage_settings(EvaluateSettings, {"evaluate": {"threshold": 0.5}}),
+        patients_path=res / "finetune/mgi/test_patients.tsv",
+        slices_path=res / "finetune/mgi/test_slices.tsv",
+        predictions_path=res / "finetune/mgi/test_predictions.h5")
+    assert main(["export", "--variant", "mgi", "--results", str(res), "--out", str(bundle),
+                 "--threshold", "0.5"]) == 0
+
+
 def test_predict_from_raw_files_gives_evaluates_masks(tmp_path):
     raw, res = tmp_path / "raw", tmp_path / "results"
     settings = small(schema_defaults({
@@ -60,32 +87,10 @@ def test_predict_from_raw_files_gives_evaluates_masks(tmp_path):
                             out_path=res / "images" / f"{case}.h5", options=typed.imaging.mri)
         write_qc_row(qc, res / "images" / "qc" / f"{case}.tsv")
         profiles.append(read_profile(raw / f"{case}.tsv", case_id=case))
-    write_tsv(merge_qc(sorted((res / "images" / "qc").glob("*.tsv"))), res / "images/qc.tsv")
-    adata = ad.concat(profiles, merge="same", uns_merge="same")
     splits = pd.DataFrame({"case_id": CASES, "split": SPLITS})
-    write_tsv(splits, res / "splits.tsv")
-    seqs = build_sequences(adata, splits, config=typed.expression)
-    write_sequences(seqs, sequences_path=res / "expression/sequences.npz",
-                    vocab_path=res / "expression/vocab.tsv")
-    seqs.encoding.save(res / "expression/encoding.npz")
-    torch.manual_seed(0)
-    model = build_variant("mgi", typed, vocab_size=len(seqs.vocab), seq_len=8, in_chans=3)
-    save_finetuned(res / "finetune/mgi/model.pt", variant="mgi", state_dict=model.state_dict(),
-                   settings=typed, vocab_size=len(seqs.vocab), in_chans=3, best_epoch=1,
-                   val_dice=0.5)
-    pretrain_stub(res)
-    evaluate_variant(
-        model_path=res / "finetune/mgi/model.pt", sequences_path=res / "expression/sequences.npz",
-        splits_path=res / "splits.tsv", qc_path=res / "images/qc.tsv",
-        settings=stage_settings(EvaluateSettings, {"evaluate": {"threshold": 0.5}}),
-        patients_path=res / "finetune/mgi/test_patients.tsv",
-        slices_path=res / "finetune/mgi/test_slices.tsv",
-        predictions_path=res / "finetune/mgi/test_predictions.h5")
+    evaluate_untrained_mgi(res, typed, profiles, splits, bundle=tmp_path / "mgi.mgi")
 
     # New patients: the test patients from their raw files, and one whose image is missing.
-    assert main(["export", "--variant", "mgi", "--results", str(res),
-                 "--out", str(tmp_path / "mgi.mgi"),
-                 "--threshold", "0.5"]) == 0
     sheet = write_sheet(tmp_path / "new" / "samples.tsv", [
         {"case_id": "P3", "expression": str(raw / "P3.tsv"), "image": str(raw / "P3")},
         {"case_id": "P4", "expression": str(raw / "P4.tsv"), "image": str(raw / "P4")},
@@ -152,31 +157,9 @@ def test_predict_slides_gives_evaluates_tile_masks_and_areas(tmp_path):
         assert qc["status"] == "ok", qc
         write_qc_row(qc, res / "images" / "qc" / f"{case}.tsv")
         profiles.append(read_profile(raw / f"{case}.tsv", case_id=case))
-    write_tsv(merge_qc(sorted((res / "images" / "qc").glob("*.tsv"))), res / "images/qc.tsv")
     splits = pd.DataFrame({"case_id": cases, "split": splits_})
-    write_tsv(splits, res / "splits.tsv")
-    seqs = build_sequences(ad.concat(profiles, merge="same", uns_merge="same"), splits,
-                           config=typed.expression)
-    write_sequences(seqs, sequences_path=res / "expression/sequences.npz",
-                    vocab_path=res / "expression/vocab.tsv")
-    seqs.encoding.save(res / "expression/encoding.npz")
-    torch.manual_seed(0)
-    model = build_variant("mgi", typed, vocab_size=len(seqs.vocab), seq_len=8, in_chans=3)
-    save_finetuned(res / "finetune/mgi/model.pt", variant="mgi", state_dict=model.state_dict(),
-                   settings=typed, vocab_size=len(seqs.vocab), in_chans=3, best_epoch=1,
-                   val_dice=0.5)
-    pretrain_stub(res)
-    evaluate_variant(
-        model_path=res / "finetune/mgi/model.pt", sequences_path=res / "expression/sequences.npz",
-        splits_path=res / "splits.tsv", qc_path=res / "images/qc.tsv",
-        settings=stage_settings(EvaluateSettings, {"evaluate": {"threshold": 0.5}}),
-        patients_path=res / "finetune/mgi/test_patients.tsv",
-        slices_path=res / "finetune/mgi/test_slices.tsv",
-        predictions_path=res / "finetune/mgi/test_predictions.h5")
+    evaluate_untrained_mgi(res, typed, profiles, splits, bundle=tmp_path / "mgi.mgi")
 
-    assert main(["export", "--variant", "mgi", "--results", str(res),
-                 "--out", str(tmp_path / "mgi.mgi"),
-                 "--threshold", "0.5"]) == 0
     sheet = write_sheet(tmp_path / "new" / "samples.tsv", [
         {"case_id": "S2", "expression": str(raw / "S2.tsv"), "image": str(slides["S2"].path)},
         {"case_id": "NEW1", "expression": str(raw / "S0.tsv"), "image": str(raw / "gone.svs")},
