@@ -19,7 +19,14 @@ import tifffile
 
 from mgi.errors import SeriesError
 from mgi.imaging.mri.build import CaseVolumes
-from mgi.imaging.mri.masks import MASK_NAME, load_slice_masks, mask_files, mask_kind, read_mask_tiff
+from mgi.imaging.mri.masks import (
+    MASK_NAME,
+    load_slice_masks,
+    mask_files,
+    mask_kind,
+    numbered_files,
+    read_mask_tiff,
+)
 from mgi.options import MriOptions
 
 log = logging.getLogger(__name__)
@@ -33,20 +40,7 @@ NO_GEOMETRY = "none (LGG set TIFFs)"
 
 def lgg_slice_files(folder: str | os.PathLike[str]) -> dict[int, Path]:
     """Map slice number -> image TIFF (``<case>_<n>.tif``, masks left out) of an LGG case folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SeriesError(f"{folder}: LGG slice folder not found")
-    images: dict[int, Path] = {}
-    for path in sorted(folder.iterdir()):
-        match = _LGG_IMAGE_NAME.match(path.name)
-        if not match or MASK_NAME.match(path.name):
-            continue
-        number = int(match["number"])
-        if number in images:
-            raise SeriesError(f"{folder}: two slices numbered {number}: {images[number].name}, "
-                              f"{path.name}")
-        images[number] = path
-    return images
+    return numbered_files(Path(folder), _LGG_IMAGE_NAME, what="LGG slice", skip=MASK_NAME)
 
 
 def read_lgg_tif_images(folder: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -43,21 +43,28 @@ NIFTI_MAX_OUTSIDE = 0.5  # fraction of slices a label map may miss (zero masks +
 NIFTI_OFF_GRID = 0.1  # voxels: sampling further than this from voxel centres is resampling
 
 
-def mask_files(mask_dir: Path) -> dict[int, Path]:
-    """Map InstanceNumber -> mask file of an LGG-style mask folder."""
-    if not mask_dir.is_dir():
-        raise SeriesError(f"{mask_dir}: mask folder not found")
+def numbered_files(folder: Path, pattern: re.Pattern[str], *, what: str,
+                   skip: re.Pattern[str] | None = None) -> dict[int, Path]:
+    """Map number -> file of a folder's files named `pattern` (its `number` group), `skip`
+    left out; SeriesError for a missing folder or two files of one number."""
+    if not folder.is_dir():
+        raise SeriesError(f"{folder}: {what} folder not found")
     files: dict[int, Path] = {}
-    for path in sorted(mask_dir.iterdir()):
-        match = MASK_NAME.match(path.name)
-        if not match:
+    for path in sorted(folder.iterdir()):
+        match = pattern.match(path.name)
+        if not match or (skip is not None and skip.match(path.name)):
             continue
         number = int(match["number"])
         if number in files:
-            raise SeriesError(f"{mask_dir}: two masks for slice {number}: "
+            raise SeriesError(f"{folder}: two {what} files numbered {number}: "
                               f"{files[number].name}, {path.name}")
         files[number] = path
     return files
+
+
+def mask_files(mask_dir: Path) -> dict[int, Path]:
+    """Map InstanceNumber -> mask file of an LGG-style mask folder."""
+    return numbered_files(mask_dir, MASK_NAME, what="mask")
 
 
 def read_mask_tiff(path: Path, shape: tuple[int, ...]) -> np.ndarray:
