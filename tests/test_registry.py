@@ -37,13 +37,18 @@ def test_every_results_path_of_the_rules_and_dvc_is_in_the_layout():
     rules = "\n".join(p.read_text() for p in (REPO / "workflow/rules").glob("*.smk"))
     named = set(re.findall(r'results\(f?"([^"]+)"\)', rules)) - {"finetune/{variant}/{name}"}
     named |= {f"finetune/{{variant}}/{name}"  # common.smk's variant_files(name)
-              for name in re.findall(r'variant_files\("([^"]+)"\)', rules)}
+              for name in re.findall(r'(?<![a-z_])variant_files\("([^"]+)"\)', rules)}
     dvc = (REPO / "dvc.yaml").read_text()
     named |= set(re.findall(r"results/\$\{cohort\}/([^\s:]+)", dvc))
     named = {re.sub(r"\$\{item\}", "{variant}", p).rstrip("/") for p in named}
     assert len(named) > 20
     unknown = sorted(p for p in named if not any(pat.match(p) for pat in patterns))
     assert not unknown, f"paths not in mgi.layout.RESULTS: {unknown}"
+    # common.smk's layout(name): the path of RESULTS[name] itself (crossval.smk, report.smk)
+    names = set(re.findall(r'layout\(f?"([a-z_{}]+)"', rules))
+    names = {n for n in names if "{" not in n}
+    assert {"folds", "fold_splits", "run_model", "pooled_test_patients"} <= names
+    assert names <= set(RESULTS), f"layout names not in mgi.layout.RESULTS: {names - set(RESULTS)}"
 
 
 def test_pretraining_of_each_variant():

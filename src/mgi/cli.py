@@ -141,6 +141,33 @@ def _splits(args: argparse.Namespace) -> None:
     log.info("splits: %s", splits["split"].value_counts().to_dict())
 
 
+def _folds(args: argparse.Namespace) -> None:
+    from mgi.io import read_tsv, write_tsv
+    from mgi.train.folds import make_folds, read_strata
+    from mgi.train.splits import paired_patients
+
+    settings = stage_settings(SplitSettings, args.settings)
+    folds = settings.splits.folds
+    if len(args.out) != folds:
+        raise MgiError(f"mgi folds: {len(args.out)} --out file(s) for splits.folds {folds}; "
+                       "expected one splits table per fold")
+    if folds > 1 and args.given and not read_tsv(args.given).empty:
+        raise MgiError(f"{args.given}: the sample sheet fixes the splits (its split column), so "
+                       f"splits.folds {folds} cannot deal its own; remove the column or set "
+                       "splits.folds to 1")
+    paired, unpaired = paired_patients(expression_path=Path(args.expression),
+                                       qc_path=Path(args.qc))
+    strata = (read_strata(Path(args.clinical), settings.splits.stratify, paired)
+              if settings.splits.stratify and folds > 1 else None)
+    assignment, splits = make_folds(
+        paired=paired, unpaired=unpaired, folds=folds,
+        val_fraction=settings.splits.val_fraction, seed=settings.seed, strata=strata,
+        fixed_split=read_tsv(args.fixed_splits, required=["case_id", "split"]))
+    write_tsv(assignment, args.folds)
+    for table, path in zip(splits, args.out, strict=True):
+        write_tsv(table, path)
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from mgi.train.launch import launch
     from mgi.train.pretrain import pretrain
@@ -199,13 +226,30 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    from mgi.evaluate.crossval import RunFiles, parse_run_key
     from mgi.evaluate.report import ReportInputs, VariantFiles, write_report
 
     per_variant = [args.patients, args.slices, args.predictions, args.status, args.histories]
     if any(len(files) != len(args.variants) for files in per_variant):
         raise MgiError("mgi report: --patients, --slices, --predictions, --status and "
                        "--histories need one file per variant of --variants, in its order")
+    runs = []
+    for i, key in enumerate(args.runs):
+        variant, fold, seed = parse_run_key(key)
+        runs.append(RunFiles(variant, fold, seed, *(Path(files[i]) for files in (
+            args.run_patients, args.run_status, args.run_histories))))
+    if any(len(files) != len(args.runs) for files in (args.run_patients, args.run_status,
+                                                       args.run_histories)):
+        raise MgiError("mgi report: --run-patients, --run-status and --run-histories need one "
+                       "file per run of --runs, in its order")
+    if len(args.fold_retrievals) != len(args.pretrainings):
+        raise MgiError("mgi report: --fold-retrievals needs one file per --pretrainings key")
+    fold_retrievals = {}
+    for key, path in zip(args.pretrainings, args.fold_retrievals, strict=True):
+        fold, seed = (int(x) for x in key.split(":"))
+        fold_retrievals[(fold, seed)] = Path(path)
     inputs = ReportInputs(
+        runs=tuple(runs), fold_retrievals=fold_retrievals,
         retrieval=Path(args.retrieval), pretrain_history=Path(args.pretrain_history),
         splits=Path(args.splits), qc=Path(args.qc),
         banks={Path(bank).stem: Path(bank) for bank in args.banks},
@@ -222,6 +266,7 @@ def _report(args: argparse.Namespace) -> None:
         metrics_path=Path(args.metrics),
         html_path=Path(args.html),
         figures_dir=Path(args.figures) if args.figures else None,
+        patients_path=Path(args.test_patients) if args.test_patients else None,
     )
 
 
@@ -349,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--given", help="splits fixed by the sample sheet (case_id, split); used "
                    "instead of drawing them when it has rows")
 
+    p = command("folds", _folds, "k-fold cross-validation: each fold's splits table")
+    p.add_argument("--expression", required=True)
+    p.add_argument("--qc", required=True)
+    p.add_argument("--clinical", required=True, help="clinical.tsv (splits.stratify's column)")
+    p.add_argument("--fixed-splits", required=True, help="splits.tsv (the one fold of folds 1)")
+    p.add_argument("--settings", required=True)
+    p.add_argument("--given", help="the sample sheet's splits (refused with folds > 1)")
+    p.add_argument("--folds", required=True, help="out: case_id, fold, stratum")
+    p.add_argument("--out", nargs="+", required=True, help="out: fold 0, 1, ... splits tables")
+
     for name, func, help in [
         ("pretrain", _pretrain, "contrastive pre-training"),
         ("finetune", _finetune, "segmentation fine-tuning of one variant"),
@@ -420,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True)
     p.add_argument("--html", required=True)
     p.add_argument("--figures", help="folder for the report's figures as PNG files")
+    p.add_argument("--test-patients", help="out: every variant's test patients in one table")
+    p.add_argument("--runs", nargs="*", default=[],
+                   help="folds and seeds: every run as variant:fold:seed, in this order:")
+    p.add_argument("--run-patients", nargs="*", default=[], help="test_patients.tsv of each run")
+    p.add_argument("--run-status", nargs="*", default=[], help="status.json of each run")
+    p.add_argument("--run-histories", nargs="*", default=[], help="history.tsv of each run")
+    p.add_argument("--pretrainings", nargs="*", default=[],
+                   help="folds and seeds: every pre-training as fold:seed, in this order:")
+    p.add_argument("--fold-retrievals", nargs="*", default=[], help="retrieval.json of each")
 
     p = command("attribute", _attribute,
                 "which genes the pre-trained image-gene similarity leans on (Integrated Gradients)")

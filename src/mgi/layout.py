@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# name -> path under results/{cohort}/ ({image_id}, {variant}, {kind}: wildcards)
+# name -> path under results/{cohort}/ ({image_id}, {variant}, {kind}, {fold}, {seed}:
+# wildcards)
 RESULTS = {
     "expression": "expression/expression.h5ad",
     "sequences": "expression/sequences.npz",
@@ -40,6 +41,26 @@ RESULTS = {
     "test_predictions": "finetune/{variant}/test_predictions.h5",
     "predicted_masks": "finetune/{variant}/predictions",
     "status": "finetune/{variant}/status.json",
+    # folds and seeds (splits.folds > 1 or several seeds): each fold mirrors the layout above
+    "crossval": "cv",
+    "folds": "cv/folds.tsv",
+    "fold_splits": "cv/fold{fold}/splits.tsv",
+    "fold_sequences": "cv/fold{fold}/expression/sequences.npz",
+    "fold_vocab": "cv/fold{fold}/expression/vocab.tsv",
+    "fold_encoding": "cv/fold{fold}/expression/encoding.npz",
+    "fold_pretrain_model": "cv/fold{fold}/pretrain/seed{seed}/model.pt",
+    "fold_pretrain_history": "cv/fold{fold}/pretrain/seed{seed}/history.tsv",
+    "fold_retrieval": "cv/fold{fold}/pretrain/seed{seed}/retrieval.json",
+    "fold_ablation_model": "cv/fold{fold}/pretrain/ablation/{kind}/seed{seed}/model.pt",
+    "fold_ablation_history": "cv/fold{fold}/pretrain/ablation/{kind}/seed{seed}/history.tsv",
+    "fold_ablation_retrieval": "cv/fold{fold}/pretrain/ablation/{kind}/seed{seed}/retrieval.json",
+    "run_model": "cv/fold{fold}/finetune/{variant}/seed{seed}/model.pt",
+    "run_finetune_history": "cv/fold{fold}/finetune/{variant}/seed{seed}/history.tsv",
+    "run_test_patients": "cv/fold{fold}/finetune/{variant}/seed{seed}/test_patients.tsv",
+    "run_test_slices": "cv/fold{fold}/finetune/{variant}/seed{seed}/test_slices.tsv",
+    "run_test_predictions": "cv/fold{fold}/finetune/{variant}/seed{seed}/test_predictions.h5",
+    "run_predicted_masks": "cv/fold{fold}/finetune/{variant}/seed{seed}/predictions",
+    "run_status": "cv/fold{fold}/finetune/{variant}/seed{seed}/status.json",
     "bundle": "export/{variant}.mgi",
     "predict_volumes": "predict/{variant}/volumes.tsv",
     "predict_qc": "predict/{variant}/qc.tsv",
@@ -49,6 +70,7 @@ RESULTS = {
     "attribution": "report/gene_attribution.tsv",
     "attribution_summary": "report/gene_attribution.json",
     "metrics": "report/metrics.json",
+    "pooled_test_patients": "report/test_patients.tsv",  # every variant, fold and seed
     "report": "report/report.html",
     "figures": "report/figures",
 }

@@ -228,6 +228,8 @@ class SplitsOptions:
 
     val_fraction: float = default_of("splits.val_fraction")
     test_fraction: float = default_of("splits.test_fraction")
+    folds: int = default_of("splits.folds")
+    stratify: str | None = default_of("splits.stratify")
 
 
 # --- expression -----------------------------------------------------------------------------
@@ -313,6 +315,7 @@ class PretrainOptions:
     devices: int = default_of("pretrain.devices")
     num_nodes: int = default_of("pretrain.num_nodes")
     precision: str = default_of("pretrain.precision")
+    seeds: tuple[int, ...] | None = default_of("pretrain.seeds")
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,7 @@ class FinetuneOptions:
 
     variants: tuple[str, ...] = default_of("finetune.variants")
     pretrained: str | None = default_of("finetune.pretrained")
+    seeds: tuple[int, ...] | None = default_of("finetune.seeds")
     fusion: str = default_of("finetune.fusion")
     decoder_channels: int = default_of("finetune.decoder_channels")
     unet: UNetOptions = field(default_factory=UNetOptions)
@@ -409,7 +413,8 @@ PretrainSettings = _stage("PretrainSettings", "`mgi pretrain`", "model", "pretra
 FinetuneSettings = _stage("FinetuneSettings", "`mgi finetune`", "model", "finetune", "imaging",
                           "expression", "seed")
 EvaluateSettings = _stage("EvaluateSettings", "`mgi evaluate`", "evaluate")
-ReportSettings = _stage("ReportSettings", "`mgi report`", "evaluate", "finetune")
+ReportSettings = _stage("ReportSettings", "`mgi report`", "evaluate", "finetune", "splits",
+                        "seed")
 
 
 T = TypeVar("T")

@@ -158,12 +158,14 @@ def make_results(root: Path, variants: dict[str, float | None], *,
     return root
 
 
-def render(root: Path, variants: list[str], **kwargs) -> tuple[dict, str]:
-    """write_report over `root`; (metrics.json as read back, report.html's text)."""
+def render(root: Path, variants: list[str], *, inputs: ReportInputs | None = None,
+           **kwargs) -> tuple[dict, str]:
+    """write_report over `root` (or `inputs`); (metrics.json as read back, report.html's text)."""
     report = root / "report"
     settings = stage_settings(ReportSettings, {"evaluate": {"bootstrap": 200, "threshold": 0.5},
-                                               "finetune": {"variants": variants}})
-    write_report(cohort="unit", inputs=ReportInputs.from_results(root, variants),
+                                               "finetune": {"variants": variants},
+                                               "splits": {}, "seed": 0})
+    write_report(cohort="unit", inputs=inputs or ReportInputs.from_results(root, variants),
                  settings=settings, metrics_path=report / "metrics.json",
                  html_path=report / "report.html", figures_dir=report / "figures", **kwargs)
 

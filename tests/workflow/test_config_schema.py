@@ -173,7 +173,7 @@ def test_snakemake_reports_every_wrong_value_with_what_was_expected_and_who_set_
         demo_work: Path):
     # imaging.modality is also set by the cohort file and config.yaml: the last file given wins;
     # seed is set by every file, and --config overrides them all
-    (demo_work / "mine.yaml").write_text("imaging: {modality: mir}\nsplits: {folds: 3}\n")
+    (demo_work / "mine.yaml").write_text("imaging: {modality: mir}\nsplits: {fold: 3}\n")
     code, lines = _snakemake_n(demo_work, "--configfile", "cohorts/tcga-lgg.yaml", "mine.yaml",
                                "--config", "seed=abc")
     assert code != 0
@@ -183,7 +183,7 @@ def test_snakemake_reports_every_wrong_value_with_what_was_expected_and_who_set_
         "expected an integer >= 0; got 'abc' (set by --config on the command line)")
     assert _problem_line(lines, "imaging.modality").endswith(
         "expected one of 'mri', 'wsi'; got 'mir'; did you mean 'mri'? (set in mine.yaml)")
-    assert "(set in mine.yaml)" in _problem_line(lines, "splits.folds")
+    assert "did you mean 'folds'? (set in mine.yaml)" in _problem_line(lines, "splits.fold")
 
 
 def test_snakemake_stops_at_start_on_a_misspelt_key(tmp_path: Path, tiny_config: dict):

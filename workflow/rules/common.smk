@@ -61,9 +61,32 @@ def logs(path):
     return f"logs/{COHORT}/{path}"
 
 
-def settings(*keys):
-    """A config section as compact JSON, passed to `mgi` as one argument (and a rerun trigger)."""
-    return json.dumps({key: config[key] for key in keys}, sort_keys=True)
+# Keys that shape the DAG (how many folds and seeds), not what a stage computes: left out of the
+# stages' settings, so that adding a seed does not rerun the runs that exist.
+DESIGN_KEYS = {
+    "splits": ("folds", "stratify"),
+    "pretrain": ("seeds",),
+    "finetune": ("seeds",),
+}
+
+
+def settings(*keys, design=False, seed=None):
+    """Config sections as compact JSON, passed to `mgi` as one argument (and a rerun trigger);
+    without the DESIGN_KEYS unless `design`, with the top-level seed replaced by `seed`.
+    """
+    chosen = {key: copy.deepcopy(config[key]) for key in keys}
+    if not design:
+        for key, names in DESIGN_KEYS.items():
+            for name in names if key in chosen else ():
+                chosen[key].pop(name, None)
+    if seed is not None:
+        chosen["seed"] = int(seed)
+    return json.dumps(chosen, sort_keys=True)
+
+
+def seeded_settings(*keys):
+    """A params function: settings(*keys) with the run's seed (wildcard `seed`)."""
+    return lambda wildcards: settings(*keys, seed=wildcards.seed)
 
 
 def image_table():
@@ -260,11 +283,6 @@ def pretrain_file(name):
     return PRETRAIN_FILES[name]
 
 
-def pretrain_input(name):
-    """An input function: pretrain_file(name), asked only when the rule is planned."""
-    return lambda wildcards: pretrain_file(name)
-
-
 def report_targets():
     """The report and its metrics; with a bundle (no pre-training curves or retrieval), the
     variants' evaluation and the gene attribution instead."""
@@ -310,7 +328,8 @@ def variant_inputs(wildcards):
 
 def ablation_settings(wildcards):
     """The pre-training settings (as `settings(*PRETRAIN_SECTIONS)`) with gene encoder {kind}."""
-    sections = {key: copy.deepcopy(config[key]) for key in PRETRAIN_SECTIONS}
+    seed = wildcards.get("seed")  # a fold's pre-training of one seed (crossval.smk)
+    sections = json.loads(settings(*PRETRAIN_SECTIONS, seed=seed))
     sections["model"]["gene_encoder"]["kind"] = wildcards.kind
     return json.dumps(sections, sort_keys=True)
 
@@ -403,3 +422,131 @@ def folder_of(key, *, of="output"):
         return os.path.dirname((input if of == "input" else output)[key])
 
     return folder
+
+
+# --- folds and seeds (crossval.smk) ---------------------------------------------------------
+# splits.folds > 1 or several seeds: every (variant, fold, seed) is its own fine-tuning job
+# under cv/fold{fold}/, each fold with its own splits, sequences and pre-training; the report
+# pools them. Otherwise the one split's results/{cohort}/finetune/{variant}/ as ever.
+FOLDS = config["splits"]["folds"]
+SEEDS = config["finetune"]["seeds"] or [config["seed"]]
+PRETRAIN_SEEDS = config["pretrain"]["seeds"]
+REPEATED = FOLDS > 1 or len(SEEDS) > 1 or bool(PRETRAIN_SEEDS)
+if PRETRAIN_SEEDS and sorted(PRETRAIN_SEEDS) != sorted(SEEDS):
+    raise WorkflowError(
+        f"pretrain.seeds: {PRETRAIN_SEEDS}; each fine-tuning seed starts from the pre-training "
+        f"of the same seed, so it must list the seeds of finetune.seeds ({SEEDS}), or be null "
+        "(one pre-training per fold)"
+    )
+if REPEATED and PRETRAINED:
+    raise WorkflowError(
+        f"finetune.pretrained: {PRETRAINED!r} with splits.folds {FOLDS} and seeds {SEEDS}: a "
+        "fold's pre-training must not see its test patients, which another cohort's "
+        "pre-training cannot promise (it may hold this cohort's patients); set "
+        "finetune.pretrained to null to pre-train each fold, or use one split and one seed"
+    )
+
+
+class _Keep(dict):
+    """str.format_map's mapping that leaves a wildcard it is not given as {name}."""
+
+    def __missing__(self, key):
+        return f"{{{key}}}"
+
+
+def layout(name, **wildcards):
+    """results/{cohort}/ + mgi.layout.RESULTS[name], with the given wildcards filled in and
+    the others left as Snakemake wildcards."""
+    return results(REGISTRY["results"][name].format_map(_Keep(wildcards)))
+
+
+def pretrain_seed_of(seed):
+    """The seed of the pre-training a fine-tuning seed starts from (its own with
+    pretrain.seeds, else the top-level seed: one pre-training per fold)."""
+    return int(seed) if PRETRAIN_SEEDS else config["seed"]
+
+
+def fold_pretraining_of(variant, fold, seed):
+    """The checkpoint run (variant, fold, seed) starts from, or None for scratch variants."""
+    if not REGISTRY["variants"][variant]["pretrained"]:
+        return None
+    seed = pretrain_seed_of(seed)
+    kind = own_pretraining_kind(variant)
+    if kind:
+        return layout("fold_ablation_model", fold=fold, kind=kind, seed=seed)
+    return layout("fold_pretrain_model", fold=fold, seed=seed)
+
+
+def run_inputs(wildcards):
+    """Inputs of one run: the fold's sequences and splits, its pre-training where used."""
+    inputs = {
+        "sequences": layout("fold_sequences", fold=wildcards.fold),
+        "splits": layout("fold_splits", fold=wildcards.fold),
+        "qc": results("images/qc.tsv"),
+    }
+    pretrained = fold_pretraining_of(wildcards.variant, wildcards.fold, wildcards.seed)
+    if pretrained:
+        inputs["pretrained"] = pretrained
+    return inputs
+
+
+def fold_sequence_inputs(wildcards):
+    """Inputs of a fold's gene sequences: as sequence_inputs, with the fold's splits."""
+    inputs = sequence_inputs(wildcards)
+    inputs["splits"] = layout("fold_splits", fold=wildcards.fold)
+    return inputs
+
+
+RUNS = [
+    (variant, fold, seed)
+    for variant in config["finetune"]["variants"]
+    for fold in range(FOLDS)
+    for seed in SEEDS
+]
+PRETRAININGS = [
+    (fold, pretrain_seed_of(seed)) for fold in range(FOLDS) for seed in SEEDS
+]
+PRETRAININGS = sorted(set(PRETRAININGS))
+# the report's curves, retrieval, examples and attribution: the first run's (fold 0)
+PRIMARY = {"fold": 0, "seed": SEEDS[0]}
+
+
+def run_files(name):
+    """Layout file `name` (run_test_patients, ...) of every run, in RUNS order."""
+    return [layout(name, variant=v, fold=f, seed=s) for v, f, s in RUNS]
+
+
+def fold_retrievals():
+    """retrieval.json of every fold's pre-training, in PRETRAININGS order."""
+    return [layout("fold_retrieval", fold=f, seed=s) for f, s in PRETRAININGS]
+
+
+def detail_file(name):
+    """A file the report's detail sections and the attribution read: this split's own, or
+    with folds and seeds the first run's (PRIMARY). `name`: sequences, vocab, splits,
+    pretrain_model, pretrain_history or retrieval."""
+    if not REPEATED:
+        pretraining = {
+            "pretrain_model": "model.pt",
+            "pretrain_history": "history.tsv",
+            "retrieval": "retrieval.json",
+        }
+        if name in pretraining:
+            return pretrain_file(pretraining[name])
+        return layout(name)
+    fold, seed = PRIMARY["fold"], pretrain_seed_of(PRIMARY["seed"])
+    return layout(f"fold_{name}", fold=fold, seed=seed)
+
+
+def detail_variant_files(name):
+    """Layout file `name` (test_patients, ...) of every variant for the report's detail
+    sections: this split's, or with folds and seeds the first run's (PRIMARY)."""
+    variants = config["finetune"]["variants"]
+    if not REPEATED:
+        return [layout(name, variant=v) for v in variants]
+    return [layout(f"run_{name}", variant=v, **PRIMARY) for v in variants]
+
+
+def detail_input(name):
+    """An input function: detail_file(name), asked only when the rule is planned."""
+    return lambda wildcards: detail_file(name)

@@ -5,10 +5,10 @@ rule attribute:
     """Which genes the pre-trained image-gene similarity leans on, over the held-out patients."""
     input:
         unpack(planted_genes),
-        model=pretrain_file("model.pt"),
-        sequences=results("expression/sequences.npz"),
-        vocab=results("expression/vocab.tsv"),
-        splits=results("splits.tsv"),
+        model=detail_input("pretrain_model"),
+        sequences=detail_input("sequences"),
+        vocab=detail_input("vocab"),
+        splits=detail_input("splits"),
         qc=results("images/qc.tsv"),
     output:
         table=report(
@@ -34,20 +34,25 @@ rule attribute:
 
 rule report:
     """All variants side by side (failed ones as failed), with intervals, curves, retrieval,
-    example overlays and gene attribution."""
+    example overlays and gene attribution; with folds and seeds, every run pooled."""
     input:
-        history=pretrain_input("history.tsv"),
-        retrieval=pretrain_input("retrieval.json"),
-        splits=results("splits.tsv"),
+        history=detail_input("pretrain_history"),
+        retrieval=detail_input("retrieval"),
+        splits=detail_input("splits"),
         qc=results("images/qc.tsv"),
         banks=image_banks,
         attribution=results("report/gene_attribution.tsv"),
         attribution_summary=results("report/gene_attribution.json"),
-        patients=variant_files("test_patients.tsv"),
-        slices=variant_files("test_slices.tsv"),
-        predictions=variant_files("test_predictions.h5"),
-        status=variant_files("status.json"),
-        histories=variant_files("history.tsv"),
+        patients=detail_variant_files("test_patients"),
+        slices=detail_variant_files("test_slices"),
+        predictions=detail_variant_files("test_predictions"),
+        status=detail_variant_files("status"),
+        histories=detail_variant_files("finetune_history"),
+        # folds and seeds only (crossval.smk): every run, and every fold's pre-training
+        run_patients=run_files("run_test_patients") if REPEATED else [],
+        run_status=run_files("run_status") if REPEATED else [],
+        run_histories=run_files("run_finetune_history") if REPEATED else [],
+        fold_retrievals=fold_retrievals() if REPEATED else [],
     output:
         metrics=report(
             results("report/metrics.json"),
@@ -65,6 +70,7 @@ rule report:
             category="Curves and figures",
             caption="../report/figures.rst",
         ),
+        test_patients=layout("pooled_test_patients"),
     log:
         logs("report.log"),
     conda:
@@ -73,9 +79,11 @@ rule report:
     resources:
         mem_mb=2000,
     params:
-        settings=settings("evaluate", "finetune"),
+        settings=settings("evaluate", "finetune", "splits", "seed", design=True),
         cohort=COHORT,
         variants=" ".join(config["finetune"]["variants"]),
+        runs=" ".join(f"{v}:{f}:{s}" for v, f, s in RUNS) if REPEATED else "",
+        pretrainings=" ".join(f"{f}:{s}" for f, s in PRETRAININGS) if REPEATED else "",
     shell:
         "mgi report --cohort {params.cohort} --settings {params.settings:q} "
         "--retrieval {input.retrieval} --pretrain-history {input.history} "
@@ -86,4 +94,7 @@ rule report:
         "--attribution {input.attribution} "
         "--attribution-summary {input.attribution_summary} "
         "--metrics {output.metrics} --html {output.html} --figures {output.figures} "
-        "> {log} 2>&1"
+        "--test-patients {output.test_patients} --runs {params.runs} "
+        "--run-patients {input.run_patients} --run-status {input.run_status} "
+        "--run-histories {input.run_histories} --pretrainings {params.pretrainings} "
+        "--fold-retrievals {input.fold_retrievals} > {log} 2>&1"

@@ -83,6 +83,40 @@ def dice_by_variant(patients: dict[str, pd.DataFrame], intervals: dict[str, tupl
     return _png(fig)
 
 
+def dice_over_runs(segmentation: dict[str, dict]) -> bytes:
+    """Each variant's runs (one dot per fold and seed: the mean Dice of that fold's test
+    patients; colour = fold, marker = seed) beside its pooled mean and 95% interval."""
+    variants = [v for v, m in segmentation.items() if m["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.5 * max(1, len(variants)), 3.6))
+    markers = "osD^v<>ph"
+    folds = sorted({r["fold"] for v in variants for r in segmentation[v]["runs"]})
+    seeds = sorted({r["seed"] for v in variants for r in segmentation[v]["runs"]})
+    colours = plt.get_cmap("tab10")
+    offsets = np.linspace(-0.25, 0.05, max(1, len(seeds)))
+    for i, variant in enumerate(variants):
+        m = segmentation[variant]
+        for run in m["runs"]:
+            if run["status"] != "ok":
+                continue
+            k, j = folds.index(run["fold"]), seeds.index(run["seed"])
+            ax.scatter(i + offsets[j], run["dice"], color=colours(k % 10),
+                       marker=markers[j % len(markers)], s=22, zorder=2)
+        lo, hi = m["dice_ci_low"], m["dice_ci_high"]
+        if np.isfinite([m["dice"], lo, hi]).all():
+            ax.errorbar(i + 0.2, m["dice"], yerr=[[m["dice"] - lo], [hi - m["dice"]]], fmt="o",
+                        color="black", capsize=4, zorder=3)
+    for k, fold in enumerate(folds):
+        ax.scatter([], [], color=colours(k % 10), marker="o", label=f"fold {fold}")
+    for j, seed in enumerate(seeds):
+        ax.scatter([], [], color="grey", marker=markers[j % len(markers)], label=f"seed {seed}")
+    ax.errorbar([], [], yerr=[], fmt="o", color="black", capsize=4, label="pooled mean, 95% CI")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xticks(range(len(variants)), variants, rotation=20 if len(variants) > 3 else 0)
+    ax.set(ylabel="mean 3D Dice of a run's test patients", ylim=(0, 1.02),
+           title="Segmentation over folds and seeds")
+    return _png(fig)
+
+
 def gene_attribution(top: pd.DataFrame) -> bytes:
     """The top genes' mean |attribution| (bars, planted genes coloured) and signed mean (dots)."""
     top = top.iloc[::-1]  # the first gene on top

@@ -17,7 +17,7 @@ import os
 import platform
 import subprocess
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mgi.errors import MgiError
-from mgi.evaluate import plots
+from mgi.evaluate import crossval, plots
 from mgi.evaluate.stats import bootstrap_ci, paired_comparison
 from mgi.imaging.bank import bank_attrs, read_bank
 from mgi.io import atomic_path, read_tsv
@@ -83,6 +83,10 @@ class ReportInputs:
     variants: dict[str, VariantFiles]  # in the config's order
     attribution: Path | None = None
     attribution_summary: Path | None = None
+    # folds and seeds (splits.folds > 1 or several seeds): every run's files, and each fold's
+    # pre-training retrieval by (fold, seed); `variants` are then the first run's (fold 0)
+    runs: tuple[crossval.RunFiles, ...] = ()
+    fold_retrievals: dict[tuple[int, int], Path] = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, root: Path, variants: list[str], *,
@@ -449,8 +453,15 @@ def _number(value, spec: str = ".3f") -> str:
 
 
 def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
-                 metrics_path: Path, html_path: Path, figures_dir: Path | None = None) -> dict:
-    """Write metrics.json and report.html (and the figures as PNGs); return the metrics."""
+                 metrics_path: Path, html_path: Path, figures_dir: Path | None = None,
+                 patients_path: Path | None = None) -> dict:
+    """Write metrics.json and report.html (and the figures as PNGs, and every variant's test
+    patients in one table); return the metrics.
+
+    With `inputs.runs` (folds and seeds), metrics.json's segmentation and comparison sections
+    pool every run (mgi.evaluate.crossval) and gain `design` and `pretrain_folds`; the curves,
+    retrieval, overlays and attribution are those of the first run (fold 0, first seed).
+    """
     variants = ordered_variants(list(settings.finetune.variants))
     missing = [v for v in variants if v not in inputs.variants]
     if missing:
@@ -468,6 +479,22 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
     metrics = build_metrics(cohort=cohort, splits=splits, retrieval=retrieval,
                             patients=patients, n_boot=n_boot, status=status)
 
+    pooled = _pooled_single(patients, seed=settings.seed)
+    primary = None
+    if inputs.runs:
+        seeds = sorted({run.seed for run in inputs.runs})
+        primary = {"fold": min(r.fold for r in inputs.runs), "seed": seeds[0]}
+        design = {"folds": settings.splits.folds, "seeds": seeds,
+                  "pretrain_seeds": sorted({s for _, s in inputs.fold_retrievals}),
+                  "stratify": settings.splits.stratify, "p_value": crossval.P_VALUE_TEST,
+                  "detail_run": primary}
+        pooled_metrics, pooled = crossval.summarise(
+            runs=list(inputs.runs), variants=variants, seeds=seeds, n_boot=n_boot, design=design)
+        metrics.update(pooled_metrics)
+        metrics["pretrain_folds"] = crossval.fold_retrieval(inputs.fold_retrievals)
+        scored = [v for v in variants if metrics["segmentation"][v]["status"] == "ok"
+                  and status[v]["status"] == "ok"]
+
     pre_history = _history(inputs.pretrain_history)
     histories = {v: _history(files[v].history) for v in variants}
     seg = metrics["segmentation"]
@@ -482,11 +509,16 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
     if curves:
         pngs["finetune_curves"] = plots.finetune_curves(curves)
     with_patients = {v: patients[v] for v in scored if not patients[v].empty}
-    if with_patients:
+    if inputs.runs:
+        pngs["dice_runs"] = plots.dice_over_runs(metrics["segmentation"])
+    elif with_patients:
         intervals = {v: (seg[v]["dice_ci_low"], seg[v]["dice_ci_high"]) for v in with_patients}
         pngs["dice"] = plots.dice_by_variant(with_patients, intervals)
 
     findings = [retrieval_finding(retrieval)]
+    if inputs.runs:
+        findings[0] = f"Fold {primary['fold']}, seed {primary['seed']}. {findings[0]}"
+        findings.append(crossval.variant_finding(metrics["segmentation"], metrics["design"]))
     findings += [c["finding"] for c in metrics["comparison"].values()]
     findings += [f"{v}: failed ({status[v].get('stage', 'finetune')}): "
                  f"{textwrap.shorten(str(status[v]['error']), 400)}"
@@ -508,6 +540,9 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
     }
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
+    if patients_path is not None:
+        with atomic_path(patients_path) as tmp:
+            pooled.to_csv(tmp, sep="\t", index=False, na_rep="")
     if figures_dir is not None:
         figures_dir.mkdir(parents=True, exist_ok=True)
         for name, png in pngs.items():
@@ -528,12 +563,20 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
         anchors=PUBLISHED_ANCHORS, qc_counts=qc["status"].value_counts().to_dict(),
         n_images=len(qc), facts=_run_facts(retrieval.get("device", "unknown")), settings=settings,
         attribution=attribution, wall=wall, image_sources=image_sources(inputs, qc),
-        kept_by=KEPT_BY[metrics["pretrain"]["kept_by"]],
+        kept_by=KEPT_BY[metrics["pretrain"]["kept_by"]], primary=primary,
     )
     with atomic_path(html_path, suffix=".html") as tmp:
         tmp.write_text(html, encoding="utf-8")
     log.info("report written to %s", html_path)
     return metrics
+
+
+def _pooled_single(patients: dict[str, pd.DataFrame], *, seed: int) -> pd.DataFrame:
+    """The single split's test patients in the pooled table's form (fold 0, the one seed)."""
+    tables = [table.assign(variant=v, fold=0, seed=seed) for v, table in patients.items()]
+    if not tables:
+        return pd.DataFrame(columns=crossval.POOLED_COLUMNS)
+    return pd.concat(tables, ignore_index=True)[crossval.POOLED_COLUMNS]
 
 
 def _attribution_section(table_path: Path, summary_path: Path) -> dict:

@@ -33,21 +33,11 @@ def make_splits(
     dropped silently. `given_path` (case_id, split: a local cohort's sample sheet splits), when
     it has rows, fixes every paired patient's split instead (the fractions and seed unused).
     """
-    cases_expr = set(anndata.read_h5ad(expression_path, backed="r").obs_names)
-    qc = read_tsv(qc_path, required=["image_id", "case_id", "status", "n_items"])
-    usable = qc[(qc["status"] == "ok") & (qc["n_items"].astype(int) > 0)]
-    cases_img = set(usable["case_id"])
-    paired = sorted(cases_expr & cases_img)
-    unpaired = sorted((cases_expr | set(qc["case_id"])) - set(paired))
-    if len(paired) < 3:
-        raise TrainingError(
-            f"{qc_path}: only {len(paired)} patient(s) have both an expression profile and a "
-            f"usable image; at least 3 are needed for train/val/test splits"
-        )
+    paired, unpaired = paired_patients(expression_path=expression_path, qc_path=qc_path)
     given = read_tsv(given_path, required=["case_id", "split"]) if given_path else None
     if given is not None and not given.empty:
         table = _given_splits(given, paired, given_path)
-        return _with_unpaired(table, unpaired)
+        return with_unpaired(table, unpaired)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(paired))
     n = len(paired)
@@ -60,7 +50,24 @@ def make_splits(
     split[order[:n_test]] = "test"
     split[order[n_test:n_test + n_val]] = "val"
     table = pd.DataFrame({"case_id": paired, "split": split})
-    return _with_unpaired(table, unpaired)
+    return with_unpaired(table, unpaired)
+
+
+def paired_patients(*, expression_path: Path, qc_path: Path,
+                    minimum: int = 3) -> tuple[list[str], list[str]]:
+    """(paired, unpaired) patients, sorted: paired ones have an expression profile and at least
+    one usable image; TrainingError when fewer than `minimum` are paired."""
+    cases_expr = set(anndata.read_h5ad(expression_path, backed="r").obs_names)
+    qc = read_tsv(qc_path, required=["image_id", "case_id", "status", "n_items"])
+    usable = qc[(qc["status"] == "ok") & (qc["n_items"].astype(int) > 0)]
+    paired = sorted(cases_expr & set(usable["case_id"]))
+    unpaired = sorted((cases_expr | set(qc["case_id"])) - set(paired))
+    if len(paired) < minimum:
+        raise TrainingError(
+            f"{qc_path}: only {len(paired)} patient(s) have both an expression profile and a "
+            f"usable image; at least {minimum} are needed for train/val/test splits"
+        )
+    return paired, unpaired
 
 
 def _given_splits(given: pd.DataFrame, paired: list[str], path: Path) -> pd.DataFrame:
@@ -82,7 +89,7 @@ def _given_splits(given: pd.DataFrame, paired: list[str], path: Path) -> pd.Data
     return table
 
 
-def _with_unpaired(table: pd.DataFrame, unpaired: list[str]) -> pd.DataFrame:
+def with_unpaired(table: pd.DataFrame, unpaired: list[str]) -> pd.DataFrame:
     if unpaired:
         log.warning("%d patient(s) without both modalities: %s", len(unpaired), unpaired[:10])
         table = pd.concat(
