@@ -270,6 +270,23 @@ def _report(args: argparse.Namespace) -> None:
     )
 
 
+def _runs(args: argparse.Namespace) -> None:
+    from mgi.evaluate.crossval import RunFiles, parse_run_key, runs_table
+    from mgi.io import write_tsv
+
+    if len(args.status) != len(args.runs):
+        raise MgiError("mgi runs: --status needs one file per run of --runs, in its order")
+    runs = [RunFiles(*parse_run_key(key), Path(), Path(status), Path())
+            for key, status in zip(args.runs, args.status, strict=True)]
+    table = runs_table(runs)
+    write_tsv(table, args.out)
+    failed = table[table["status"] != "ok"]
+    log.info("%d runs, %d failed", len(table), len(failed))
+    for row in failed.itertuples():
+        log.warning("run %s fold %s seed %s failed: %s", row.variant, row.fold, row.seed,
+                    row.error)
+
+
 def _attribute(args: argparse.Namespace) -> None:
     from mgi.evaluate.attribution import gene_attribution
 
@@ -484,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrainings", nargs="*", default=[],
                    help="folds and seeds: every pre-training as fold:seed, in this order:")
     p.add_argument("--fold-retrievals", nargs="*", default=[], help="retrieval.json of each")
+
+    p = command("runs", _runs, "folds and seeds: every run and its status, one table")
+    p.add_argument("--runs", nargs="*", default=[], help="every run as variant:fold:seed")
+    p.add_argument("--status", nargs="*", default=[], help="status.json of each run")
+    p.add_argument("--out", required=True, help="out: variant, fold, seed, status, error, folder")
 
     p = command("attribute", _attribute,
                 "which genes the pre-trained image-gene similarity leans on (Integrated Gradients)")

@@ -44,6 +44,7 @@ RESULTS = {
     # folds and seeds (splits.folds > 1 or several seeds): each fold mirrors the layout above
     "crossval": "cv",
     "folds": "cv/folds.tsv",
+    "runs": "cv/runs.tsv",  # every run and its status (the DVC stage crossval's target)
     "fold_splits": "cv/fold{fold}/splits.tsv",
     "fold_sequences": "cv/fold{fold}/expression/sequences.npz",
     "fold_vocab": "cv/fold{fold}/expression/vocab.tsv",

@@ -60,6 +60,9 @@ def test_every_patient_is_tested_once_per_seed_by_its_folds_run(cv_run):
                 scored = read_tsv(root / f"cv/fold{k}/finetune/{variant}/seed{seed}/"
                                   "test_patients.tsv")
                 assert set(scored["case_id"]) == test
+    runs = read_tsv(root / "cv" / "runs.tsv", required=["variant", "fold", "seed", "status"])
+    assert len(runs) == len(config["finetune"]["variants"]) * folds * len(seeds)
+    assert set(runs["status"]) == {"ok"}
     pooled = read_tsv(root / "report" / "test_patients.tsv")
     assert len(pooled) == len(config["finetune"]["variants"]) * len(paired) * len(seeds)
     assert not pooled.duplicated(["variant", "case_id", "seed"]).any()
@@ -107,7 +110,7 @@ def test_a_new_seed_trains_only_its_own_runs(cv_run):
     jobs = planned_jobs(run(["snakemake", "-n", "--configfile", "more.yaml"], workdir).stdout)
     counts = pd.Series([job["rule"] for job in jobs]).value_counts().to_dict()
     n_new = len(config["finetune"]["variants"]) * config["splits"]["folds"]
-    assert counts == {"run_finetune": n_new, "run_evaluate": n_new, "report": 1}
+    assert counts == {"run_finetune": n_new, "run_evaluate": n_new, "crossval": 1, "report": 1}
 
 
 def test_tcga_lgg_with_5_folds_and_3_seeds_plans_one_gpu_job_per_variant_fold_and_seed(
@@ -140,3 +143,52 @@ def test_tcga_lgg_with_5_folds_and_3_seeds_plans_one_gpu_job_per_variant_fold_an
     for job in jobs:
         if job["rule"] not in {"run_finetune", "fold_pretrain", "fold_pretrain_ablation"}:
             assert "--gpu" not in sbatch_options(job), job["rule"]
+
+
+def test_one_split_and_one_seed_plan_no_fold_or_run_and_pass_no_design_keys(tmp_path: Path):
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["splits"]["folds"] = 1
+    config["finetune"]["seeds"] = [config["seed"]]
+    work = make_workdir(tmp_path, config)
+    run(["snakemake", "--cores", "1", "data/tiny/raw/images.tsv"], work)
+    result = run(["snakemake", "-n", "-p", "--cores", "1"], work)
+    jobs = planned_jobs(result.stdout)
+    rules = {job["rule"] for job in jobs}
+    assert {"pretrain", "finetune", "evaluate", "report"} <= rules
+    assert not {r for r in rules if r.startswith(("fold", "run_", "crossval"))}
+    assert sum("--settings" in job["shell"] for job in jobs) >= 5
+    for job in jobs:  # the stages' settings as before folds and seeds existed
+        if "--settings" in job["shell"]:
+            assert '"folds"' not in job["shell"] or job["rule"] == "report", job["rule"]
+            assert '"seeds"' not in job["shell"] or job["rule"] == "report", job["rule"]
+
+
+def test_pretrain_seeds_pretrain_each_fold_once_per_seed_and_must_match(tmp_path: Path):
+    config = design_of(TINY_CONFIG)
+    config["finetune"]["variants"] = ["mgi", "mgi_mlp", "vit_scratch"]  # mgi_mlp: an ablation
+    config["pretrain"]["seeds"] = list(config["finetune"]["seeds"])
+    work = make_workdir(tmp_path, config)
+    run(["snakemake", "--cores", "1", "data/tiny/raw/images.tsv"], work)
+    jobs = planned_jobs(run(["snakemake", "-n", "-p", "--cores", "1"], work).stdout)
+    counts = pd.Series([job["rule"] for job in jobs]).value_counts()
+    folds, seeds = config["splits"]["folds"], len(config["finetune"]["seeds"])
+    assert counts["fold_pretrain"] == counts["fold_pretrain_ablation"] == folds * seeds
+    assert counts["run_finetune"] == 3 * folds * seeds
+    for job in jobs:  # run (mgi, fold f, seed s) starts from fold f's pre-training of seed s
+        if job["rule"] == "run_finetune" and "--variant mgi " in job["shell"]:
+            fold, seed = re.search(r"cv/fold(\d+)/finetune/mgi/seed(\d+)", job["shell"]).groups()
+            assert f"--pretrained results/tiny/cv/fold{fold}/pretrain/seed{seed}/model.pt" in (
+                job["shell"])
+
+    config["pretrain"]["seeds"] = [0, 5]
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = run(["snakemake", "-n", "--cores", "1"], work, check=False)
+    assert refused.returncode != 0
+    assert "pretrain.seeds: [0, 5]; each fine-tuning seed starts from the pre-training of the " \
+           "same seed" in refused.stdout + refused.stderr
+    config["pretrain"]["seeds"] = None
+    config["finetune"]["variants"] = ["mgi", "vit_scratch"]
+    config["finetune"]["pretrained"] = "elsewhere/results/other/pretrain/model.pt"
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = run(["snakemake", "-n", "--cores", "1"], work, check=False)
+    assert "a fold's pre-training must not see its test patients" in refused.stdout + refused.stderr

@@ -77,11 +77,13 @@ def _planned_jobs(dry_run: str) -> list[dict]:
 
 def _snakemake_jobs(work: Path, variants: list[str]) -> list[dict]:
     """Every job of the tiny cohort's DAG, the acquisition (a checkpoint, run first) and the
-    variants' bundles (stage export; no part of the default target) included."""
+    variants' bundles (stage export) and the folds table (stage crossval), no part of the
+    default target, included."""
     run(["snakemake", "--cores", "1", "data/tiny/raw/images.tsv"], work)
     acquire = run(["snakemake", "--cores", "1", "-n", "-p", "-F", "data/tiny/raw/images.tsv"], work)
     bundles = [f"results/tiny/export/{variant}.mgi" for variant in variants]
-    rest = run(["snakemake", "--cores", "1", "-n", "-p", "all", *bundles], work)
+    rest = run(["snakemake", "--cores", "1", "-n", "-p", "all", *bundles,
+                "results/tiny/cv/runs.tsv"], work)  # stage crossval's (one split: folds only)
     return _planned_jobs(acquire.stdout) + _planned_jobs(rest.stdout)
 
 

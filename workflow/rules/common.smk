@@ -284,11 +284,12 @@ def pretrain_file(name):
 
 
 def report_targets():
-    """The report and its metrics; with a bundle (no pre-training curves or retrieval), the
-    variants' evaluation and the gene attribution instead."""
+    """The report and its metrics (with folds and seeds also the runs' table); with a bundle
+    (no pre-training curves or retrieval), the variants' evaluation and the gene attribution."""
     if BUNDLED:
         return variant_files("status.json") + [results("report/gene_attribution.tsv")]
-    return [results("report/report.html"), results("report/metrics.json")]
+    runs = [layout("runs")] if REPEATED else []
+    return [results("report/report.html"), results("report/metrics.json")] + runs
 
 
 def pretraining_of(variant):
@@ -507,6 +508,9 @@ PRETRAININGS = [
     (fold, pretrain_seed_of(seed)) for fold in range(FOLDS) for seed in SEEDS
 ]
 PRETRAININGS = sorted(set(PRETRAININGS))
+# the runs and pre-trainings as `mgi report` / `mgi runs` take them (variant:fold:seed, fold:seed)
+RUN_KEYS = " ".join(f"{v}:{f}:{s}" for v, f, s in RUNS) if REPEATED else ""
+PRETRAINING_KEYS = " ".join(f"{f}:{s}" for f, s in PRETRAININGS) if REPEATED else ""
 # the report's curves, retrieval, examples and attribution: the first run's (fold 0)
 PRIMARY = {"fold": 0, "seed": SEEDS[0]}
 

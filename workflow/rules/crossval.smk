@@ -106,3 +106,26 @@ use rule evaluate as run_evaluate with:
         status=layout("run_status"),
     log:
         logs("cv/fold{fold}/evaluate/{variant}/seed{seed}.log"),
+
+
+rule crossval:
+    """Every run of every fold and seed, and its status, in one table (with one split and
+    one seed: no runs, the folds table only)."""
+    input:
+        folds=layout("folds"),
+        status=run_files("run_status") if REPEATED else [],
+        retrievals=fold_retrievals() if REPEATED else [],
+    output:
+        runs=layout("runs"),
+    log:
+        logs("cv/runs.log"),
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        runs=RUN_KEYS,
+    shell:
+        "mgi runs --runs {params.runs} --status {input.status} --out {output.runs} "
+        "> {log} 2>&1"

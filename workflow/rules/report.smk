@@ -82,8 +82,8 @@ rule report:
         settings=settings("evaluate", "finetune", "splits", "seed", design=True),
         cohort=COHORT,
         variants=" ".join(config["finetune"]["variants"]),
-        runs=" ".join(f"{v}:{f}:{s}" for v, f, s in RUNS) if REPEATED else "",
-        pretrainings=" ".join(f"{f}:{s}" for f, s in PRETRAININGS) if REPEATED else "",
+        runs=RUN_KEYS,
+        pretrainings=PRETRAINING_KEYS,
     shell:
         "mgi report --cohort {params.cohort} --settings {params.settings:q} "
         "--retrieval {input.retrieval} --pretrain-history {input.history} "

@@ -61,6 +61,17 @@ def parse_run_key(key: str) -> tuple[str, int, int]:
         raise MgiError(f"--runs: {key!r}; expected variant:fold:seed, e.g. mgi:0:1") from err
 
 
+def runs_table(runs: list[RunFiles]) -> pd.DataFrame:
+    """variant, fold, seed, status, error, folder: one row per run (cv/runs.tsv)."""
+    rows = []
+    for run in runs:
+        entry = run_status(run)
+        rows.append({"variant": run.variant, "fold": run.fold, "seed": run.seed,
+                     "status": entry["status"], "error": str(entry.get("error", "")),
+                     "folder": str(run.status.parent)})
+    return pd.DataFrame(rows, columns=["variant", "fold", "seed", "status", "error", "folder"])
+
+
 def run_status(run: RunFiles) -> dict:
     """The run's status.json ({"status": "failed", ...} when it is missing or unreadable)."""
     try:
