@@ -305,3 +305,20 @@ def variant_finding(segmentation: dict, design: dict) -> str:
                      f"{spread_words}{failed}")
     return (f"Segmentation over {design_words(design)}, every patient tested once per seed: "
             f"Dice {'; '.join(parts)}.")
+
+
+def retrieval_over_folds(entries: list[dict]) -> str:
+    """One sentence: each fold's held-out recall@1 and @5 both ways, and in how many
+    pre-trainings each is above chance (permutation p < 0.05)."""
+    if not entries:
+        return "Pre-training over folds: no retrieval recorded."
+    clauses = []
+    for direction, arrow in (("gene_to_image", "gene → image"), ("image_to_gene", "image → gene")):
+        for k in (1, 5):
+            values = ", ".join(f"{e[f'{direction}_recall_at_{k}']:.2f}" for e in entries)
+            above = sum((e.get(f"{direction}_p_recall_at_{k}") or 1.0) < 0.05 for e in entries)
+            clauses.append(f"{arrow} recall@{k} {values} (above chance in {above} of "
+                           f"{len(entries)})")
+    chance = ", ".join(f"{e['chance_at_1']:.2f}" for e in entries)
+    return (f"Pre-training, each fold's test patients ({len(entries)} pre-trainings, "
+            f"chance@1 {chance}): {'; '.join(clauses)}.")

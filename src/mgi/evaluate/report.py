@@ -518,6 +518,7 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
     findings = [retrieval_finding(retrieval)]
     if inputs.runs:
         findings[0] = f"Fold {primary['fold']}, seed {primary['seed']}. {findings[0]}"
+        findings.insert(0, crossval.retrieval_over_folds(metrics["pretrain_folds"]))
         findings.append(crossval.variant_finding(metrics["segmentation"], metrics["design"]))
     findings += [c["finding"] for c in metrics["comparison"].values()]
     findings += [f"{v}: failed ({status[v].get('stage', 'finetune')}): "
