@@ -157,8 +157,12 @@ def _folds(args: argparse.Namespace) -> None:
                        "splits.folds to 1")
     paired, unpaired = paired_patients(expression_path=Path(args.expression),
                                        qc_path=Path(args.qc))
-    strata = (read_strata(Path(args.clinical), settings.splits.stratify, paired)
-              if settings.splits.stratify and folds > 1 else None)
+    strata = None
+    if settings.splits.stratify and folds > 1:
+        if not args.clinical:
+            raise MgiError(f"splits.stratify {settings.splits.stratify!r}: mgi folds needs "
+                           "--clinical, the clinical table holding that column")
+        strata = read_strata(Path(args.clinical), settings.splits.stratify, paired)
     assignment, splits = make_folds(
         paired=paired, unpaired=unpaired, folds=folds,
         val_fraction=settings.splits.val_fraction, seed=settings.seed, strata=strata,
@@ -166,6 +170,8 @@ def _folds(args: argparse.Namespace) -> None:
     write_tsv(assignment, args.folds)
     for table, path in zip(splits, args.out, strict=True):
         write_tsv(table, path)
+    log.info("%d fold(s)%s: %s", folds, " (the fixed split)" if folds == 1 else "",
+             [int((t["split"] == "test").sum()) for t in splits])
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -414,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("folds", _folds, "k-fold cross-validation: each fold's splits table")
     p.add_argument("--expression", required=True)
     p.add_argument("--qc", required=True)
-    p.add_argument("--clinical", required=True, help="clinical.tsv (splits.stratify's column)")
+    p.add_argument("--clinical", help="clinical.tsv, holding splits.stratify's column")
     p.add_argument("--fixed-splits", required=True, help="splits.tsv (the one fold of folds 1)")
     p.add_argument("--settings", required=True)
     p.add_argument("--given", help="the sample sheet's splits (refused with folds > 1)")

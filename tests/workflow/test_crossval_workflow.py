@@ -21,18 +21,22 @@ from .test_slurm_profile import planned_jobs
 DEMO_CV = yaml.safe_load((REPO / "cohorts/demo-cv.yaml").read_text())
 
 
-def design_of(config: dict) -> dict:
-    """The tiny config with demo-cv.yaml's design: its folds, strata, seeds and variants."""
+def design_of(config: dict, *, folds: int | None = None) -> dict:
+    """The tiny config with demo-cv.yaml's design: its strata, seeds, variants and folds (or
+    `folds`: every (variant, fold, seed) is a job, and each job a torch start of its own)."""
     config = yaml.safe_load(yaml.safe_dump(config))
     config["splits"].update({k: DEMO_CV["splits"][k] for k in ("folds", "stratify")})
     config["finetune"].update({k: DEMO_CV["finetune"][k] for k in ("seeds", "variants")})
+    if folds is not None:
+        config["splits"]["folds"] = folds
     return config
 
 
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The tiny cohort run to its report with demo-cv.yaml's folds, seeds and variants."""
-    config = design_of(TINY_CONFIG)
+    """The tiny cohort run to its report with demo-cv.yaml's seeds and variants, 2 folds."""
+    config = design_of(TINY_CONFIG, folds=2)
+    config["pretrain"]["epochs"] = config["finetune"]["epochs"] = 1
     workdir = make_workdir(tmp_path_factory.mktemp("cv"), config)
     run(["snakemake", "--cores", "2"], workdir)
     return workdir / "results" / "tiny", config

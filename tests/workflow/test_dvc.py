@@ -256,10 +256,12 @@ def test_dvc_exp_run_with_a_config_key_reruns_only_the_stages_downstream(pulled_
 
     exp = run(["dvc", "exp", "run", "-S", "config.yaml:evaluate.bootstrap=200"], pulled_clone)
     ran = set(re.findall(r"Running stage '([^']+)'", exp.stdout))
-    # export@mgi's params name the evaluate section (for its threshold), so DVC runs it too
-    assert ran == {"evaluate@mgi", "report", "export@mgi"}
+    # export@mgi's params name the evaluate section (for its threshold), so DVC runs it too, and
+    # so is crossval's (its runs' evaluation): with one split and one seed, the folds table
+    assert ran == {"evaluate@mgi", "report", "export@mgi", "crossval"}
     assert _written_logs(pulled_clone) == {"logs/tiny/evaluate/mgi.log", "logs/tiny/report.log",
-                                           "logs/tiny/export/mgi.log"}
+                                           "logs/tiny/export/mgi.log", "logs/tiny/cv/folds.log",
+                                           "logs/tiny/cv/runs.log"}
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], pulled_clone).stdout)
     params = [entry["data"]["params"]["config.yaml"]["data"]["evaluate"]["bootstrap"]

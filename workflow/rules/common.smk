@@ -285,7 +285,8 @@ def pretrain_file(name):
 
 def report_targets():
     """The report and its metrics (with folds and seeds also the runs' table); with a bundle
-    (no pre-training curves or retrieval), the variants' evaluation and the gene attribution."""
+    (no pre-training curves or retrieval), the variants' evaluation and the gene attribution.
+    """
     if BUNDLED:
         return variant_files("status.json") + [results("report/gene_attribution.tsv")]
     runs = [layout("runs")] if REPEATED else []
@@ -489,6 +490,17 @@ def run_inputs(wildcards):
     if pretrained:
         inputs["pretrained"] = pretrained
     return inputs
+
+
+def strata_input(wildcards):
+    """clinical.tsv when the folds are stratified by one of its columns, else nothing."""
+    stratified = FOLDS > 1 and config["splits"]["stratify"]
+    return {"clinical": raw("clinical.tsv")} if stratified else {}
+
+
+def strata_option(wildcards, input):
+    """`--clinical <tsv>` when the folds are stratified, else nothing."""
+    return f"--clinical {input.clinical}" if "clinical" in input.keys() else ""
 
 
 def fold_sequence_inputs(wildcards):

@@ -15,9 +15,9 @@ rule folds:
     """k patient-level folds (stratified by splits.stratify): each patient tested in one."""
     input:
         unpack(given_splits),
+        unpack(strata_input),
         h5ad=results("expression/expression.h5ad"),
         qc=results("images/qc.tsv"),
-        clinical=raw("clinical.tsv"),
         fixed=results("splits.tsv"),
     output:
         folds=layout("folds"),
@@ -32,8 +32,9 @@ rule folds:
     params:
         settings=settings("splits", "seed", design=True),
         given=given_option,
+        clinical=strata_option,
     shell:
-        "mgi folds --expression {input.h5ad} --qc {input.qc} --clinical {input.clinical} "
+        "mgi folds --expression {input.h5ad} --qc {input.qc} {params.clinical} "
         "--fixed-splits {input.fixed} --settings {params.settings:q} {params.given} "
         "--folds {output.folds} --out {output.splits} > {log} 2>&1"
 
