@@ -140,8 +140,10 @@ def test_tcga_lgg_with_5_folds_and_3_seeds_plans_one_gpu_job_per_variant_fold_an
                           for s in range(3))
     pretrainings = [job for job in jobs if job["rule"] == "fold_pretrain"]
     assert len(pretrainings) == 5  # one per fold: the seeds of fine-tuning share it
+    ablations = [job for job in jobs if job["rule"] == "fold_pretrain_ablation"]
+    assert len(ablations) == 5 * 2  # mgi_transformer's and mgi_mlp's encoders, per fold
     assert not {"pretrain", "finetune"} & {job["rule"] for job in jobs}
-    for job in runs + pretrainings:
+    for job in runs + pretrainings + ablations:
         options = sbatch_options(job)
         assert "--gpus=1" in options and "-p gpu" in options, (job["rule"], options)
     for job in jobs:
