@@ -64,6 +64,17 @@ def test_strata_are_spread_over_folds_and_rare_ones_pooled():
     assert (spread.max() - spread.min()).max() >= (counts.max() - counts.min()).max()
 
 
+def test_a_rare_pool_smaller_than_the_folds_joins_the_largest_stratum():
+    # 5 folds, grades G2 22, G3 16, G4 2: G4 alone is too small a pool for 5 folds
+    strata = _grades().mask(_grades() == "unknown", "G3")
+    assignment = assign_folds(CASES, folds=5, seed=0, strata=strata)
+    assert set(assignment["stratum"]) == {"G2", "G3"}  # G4's 2 patients joined G2 (22)
+    assert (assignment.set_index("case_id").loc[strata[strata == "G4"].index, "stratum"]
+            == "G2").all()
+    counts = pd.crosstab(assignment["fold"], assignment["stratum"])
+    assert (counts.max() - counts.min()).max() <= 1
+
+
 def test_one_fold_is_the_fixed_split():
     fixed = pd.DataFrame({"case_id": CASES[:6], "split": ["train", "train", "val", "test",
                                                           "test", "unpaired"]})

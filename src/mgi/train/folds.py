@@ -59,16 +59,22 @@ def assign_folds(cases: list[str], *, folds: int, seed: int,
         counts = pd.Series(labels).value_counts()
         rare = set(counts[counts < folds].index)
         if rare:
-            log.warning("strata with fewer than %d patients pooled as %r: %s", folds, RARE,
+            # a pool still smaller than the folds joins the largest stratum
+            enough = counts[list(rare)].sum() >= folds or len(rare) == len(counts)
+            pool = RARE if enough else counts.drop(list(rare)).index[0]
+            log.warning("strata with fewer than %d patients pooled into %r: %s", folds, pool,
                         sorted(rare))
-            labels = np.array([RARE if label in rare else label for label in labels],
+            labels = np.array([pool if label in rare else label for label in labels],
                               dtype=object)
     fold = np.empty(len(cases), dtype=int)
-    counts = pd.Series(labels).value_counts()  # (a pool of rare strata may still be too small)
+    counts = pd.Series(labels).value_counts()
     if strata is not None and len(counts) > 1 and counts.min() >= folds:
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         parts = splitter.split(np.zeros(len(cases)), labels)
     else:
+        if strata is not None:
+            log.warning("splits.stratify: one stratum only (%s); folds drawn without strata",
+                        counts.index[0])
         parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(cases)
     for k, (_, test) in enumerate(parts):
         fold[test] = k
