@@ -177,6 +177,10 @@ def test_one_fold_and_one_seed_give_the_single_split_reports_numbers(tmp_path: P
             assert repeated["comparison"][name][key] == pytest.approx(entry[key]), (name, key)
     assert repeated["design"]["folds"] == 1 and repeated["design"]["seeds"] == [0]
     assert 'id="runs"' in html and 'id="runs"' not in single_html
+    assert "1 fold(s) × 1 seed(s): 1 runs per variant" in html
+    seconds = sum(float(pd.read_csv(f.history, sep="\t")["seconds"].iloc[-1])
+                  for f in inputs.variants.values())
+    assert f"<td>{seconds:.1f} s in all</td>" in html
     assert ("Pre-training, each fold&#39;s test patients (1 pre-trainings, chance@1 0.25): "
             "gene → image recall@1 0.50 (above chance in 1 of 1)") in html
     assert set(single) <= set(repeated)

@@ -538,6 +538,9 @@ def write_report(*, cohort: str, inputs: ReportInputs, settings: ReportSettings,
         "pretrain": _seconds(pre_history),
         "finetune": {v: _seconds(histories[v]) for v in variants},
         "attribution": attribution["summary"]["seconds"] if attribution else None,
+        # with folds and seeds: every run's fine-tuning, summed
+        "runs": (sum(_seconds(_history(run.history)) or 0.0 for run in inputs.runs)
+                 if inputs.runs else None),
     }
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
