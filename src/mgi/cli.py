@@ -277,14 +277,13 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _runs(args: argparse.Namespace) -> None:
-    from mgi.evaluate.crossval import RunFiles, parse_run_key, runs_table
+    from mgi.evaluate.crossval import parse_run_key, runs_table
     from mgi.io import write_tsv
 
     if len(args.status) != len(args.runs):
         raise MgiError("mgi runs: --status needs one file per run of --runs, in its order")
-    runs = [RunFiles(*parse_run_key(key), Path(), Path(status), Path())
-            for key, status in zip(args.runs, args.status, strict=True)]
-    table = runs_table(runs)
+    table = runs_table({parse_run_key(key): Path(status)
+                        for key, status in zip(args.runs, args.status, strict=True)})
     write_tsv(table, args.out)
     failed = table[table["status"] != "ok"]
     log.info("%d runs, %d failed", len(table), len(failed))

@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from mgi.errors import MgiError
+from mgi.evaluate.stats import interval_verdict, mgi_comparisons, p_words, signed
 from mgi.io import read_tsv
 
 METRICS = ("dice", "iou", "hd95")
@@ -61,29 +62,38 @@ def parse_run_key(key: str) -> tuple[str, int, int]:
         raise MgiError(f"--runs: {key!r}; expected variant:fold:seed, e.g. mgi:0:1") from err
 
 
-def runs_table(runs: list[RunFiles]) -> pd.DataFrame:
-    """variant, fold, seed, status, error, folder: one row per run (cv/runs.tsv)."""
+def runs_table(status: dict[tuple[str, int, int], Path]) -> pd.DataFrame:
+    """variant, fold, seed, status, error, folder: one row per run (cv/runs.tsv), from each
+    (variant, fold, seed)'s status.json."""
     rows = []
-    for run in runs:
-        entry = run_status(run)
-        rows.append({"variant": run.variant, "fold": run.fold, "seed": run.seed,
-                     "status": entry["status"], "error": str(entry.get("error", "")),
-                     "folder": str(run.status.parent)})
+    for (variant, fold, seed), path in status.items():
+        entry = read_status(path)
+        rows.append({"variant": variant, "fold": fold, "seed": seed, "status": entry["status"],
+                     "error": str(entry.get("error", "")), "folder": str(path.parent)})
     return pd.DataFrame(rows, columns=["variant", "fold", "seed", "status", "error", "folder"])
 
 
-def run_status(run: RunFiles) -> dict:
-    """The run's status.json ({"status": "failed", ...} when it is missing or unreadable)."""
+def read_status(path: Path, *, missing_ok: bool = False) -> dict:
+    """A variant's or run's status.json: {"status": "ok", ...} or {"status": "failed", "error",
+    ...}. Unreadable is failed; missing is failed too, or ok with `missing_ok` (results from
+    before status files existed)."""
+    if missing_ok and not path.exists():
+        return {"status": "ok"}
     try:
-        entry = json.loads(run.status.read_text())
+        entry = json.loads(path.read_text())
         if not isinstance(entry, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
-        return {"status": "failed", "stage": "report", "error": f"{run.status}: {err}"}
+        return {"status": "failed", "stage": "report", "error": f"{path}: unreadable ({err})"}
     if entry.get("status") != "ok":
         entry = {**entry, "status": "failed"}
         entry.setdefault("error", "no error message recorded")
     return entry
+
+
+def run_status(run: RunFiles) -> dict:
+    """The run's status.json (a missing one counts as failed)."""
+    return read_status(run.status)
 
 
 def pooled_patients(runs: list[RunFiles], status: dict[tuple, dict]) -> pd.DataFrame:
@@ -226,7 +236,7 @@ def summarise(*, runs: list[RunFiles], variants: list[str], seeds: list[int], n_
     """
     status = {(r.variant, r.fold, r.seed): run_status(r) for r in runs}
     pooled = pooled_patients(runs, status)
-    segmentation, comparison = {}, {}
+    segmentation = {}
     for v in variants:
         entries = run_means(pooled, runs, status, v)
         failed = [e for e in entries if e["status"] != "ok"]
@@ -242,29 +252,17 @@ def summarise(*, runs: list[RunFiles], variants: list[str], seeds: list[int], n_
                            "run_dice_sd": spread(run_dice),
                            "run_dice_min": float(np.nanmin(run_dice)),
                            "run_dice_max": float(np.nanmax(run_dice)), "runs": entries}
-    if "mgi" in variants:
-        for baseline in [v for v in variants if v != "mgi"]:
-            failed = [v for v in ("mgi", baseline) if segmentation[v]["status"] != "ok"]
-            if failed:
-                entry = {"available": False,
-                         "reason": " and ".join(f"{v} failed" for v in failed)}
-            else:
-                paired = paired_pooled(pooled, "mgi", baseline, seeds, n_boot=n_boot)
-                entry = {"available": True, "dice_mean_diff": paired["mean_diff"],
-                         "dice_diff_ci_low": paired["ci"][0], "dice_diff_ci_high": paired["ci"][1],
-                         "p_wilcoxon": paired["p_wilcoxon"], "n_patients": paired["n"],
-                         "n_pairs": paired["n_pairs"], "n_seeds": len(seeds)}
-            entry["finding"] = comparison_finding(baseline, entry, design)
-            comparison[f"mgi_vs_{baseline}"] = entry
+
+    def paired(baseline: str) -> dict:
+        found = paired_pooled(pooled, "mgi", baseline, seeds, n_boot=n_boot)
+        return {"dice_mean_diff": found["mean_diff"], "dice_diff_ci_low": found["ci"][0],
+                "dice_diff_ci_high": found["ci"][1], "p_wilcoxon": found["p_wilcoxon"],
+                "n_patients": found["n"], "n_pairs": found["n_pairs"], "n_seeds": len(seeds)}
+
+    comparison = mgi_comparisons(
+        segmentation, paired=paired,
+        finding=lambda baseline, entry: comparison_finding(baseline, entry, design))
     return {"design": design, "segmentation": segmentation, "comparison": comparison}, pooled
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
-
-
-def _p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
 
 
 def design_words(design: dict) -> str:
@@ -282,11 +280,10 @@ def comparison_finding(baseline: str, c: dict, design: dict) -> str:
     if c["n_patients"] == 0:
         return f"{name}: no test patient scored by both, not compared."
     lo, hi = c["dice_diff_ci_low"], c["dice_diff_ci_high"]
-    verdict = ("mgi better (interval above zero)" if lo > 0 else
-               "mgi worse (interval below zero)" if hi < 0 else "no difference shown")
-    return (f"{name} over {design_words(design)}: Dice {_signed(c['dice_mean_diff'])} "
-            f"[{_signed(lo)}, {_signed(hi)}] (bootstrap over patients and training runs), "
-            f"Wilcoxon {_p(c['p_wilcoxon'])} on the seed-averaged differences of "
+    verdict = interval_verdict(lo, hi)
+    return (f"{name} over {design_words(design)}: Dice {signed(c['dice_mean_diff'])} "
+            f"[{signed(lo)}, {signed(hi)}] (bootstrap over patients and training runs), "
+            f"Wilcoxon {p_words(c['p_wilcoxon'])} on the seed-averaged differences of "
             f"n = {c['n_patients']} patients: {verdict}.")
 
 

@@ -28,7 +28,14 @@ import pandas as pd
 
 from mgi.errors import MgiError
 from mgi.evaluate import crossval, plots
-from mgi.evaluate.stats import bootstrap_ci, paired_comparison
+from mgi.evaluate.stats import (
+    bootstrap_ci,
+    interval_verdict,
+    mgi_comparisons,
+    p_words,
+    paired_comparison,
+    signed,
+)
 from mgi.imaging.bank import bank_attrs, read_bank
 from mgi.io import atomic_path, read_tsv
 from mgi.layout import results_path
@@ -111,23 +118,8 @@ class ReportInputs:
 
 def load_status(files: dict[str, Path]) -> dict[str, dict]:
     """Each variant's status.json ({"status": "ok"} where there is none, as in older results)."""
-    status = {}
-    for variant, path in files.items():
-        if not path.exists():
-            status[variant] = {"variant": variant, "status": "ok"}
-            continue
-        try:
-            entry = json.loads(path.read_text())
-            if not isinstance(entry, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as err:
-            entry = {"status": "failed", "stage": "report", "error": f"{path}: unreadable ({err})"}
-        entry = {"variant": variant, **entry}
-        if entry.get("status") != "ok":
-            entry["status"] = "failed"
-            entry.setdefault("error", "no error message recorded")
-        status[variant] = entry
-    return status
+    return {variant: {"variant": variant, **crossval.read_status(path, missing_ok=True)}
+            for variant, path in files.items()}
 
 
 def load_patients(files: dict[str, Path]) -> dict[str, pd.DataFrame]:
@@ -150,14 +142,6 @@ def _metric_summary(patients: pd.DataFrame, *, n_boot: int) -> dict:
     return summary
 
 
-def _signed(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
-
-
-def _p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
-
-
 def comparison_finding(baseline: str, c: dict) -> str:
     """One sentence stating what the paired comparison of mgi with `baseline` shows."""
     name = f"mgi − {baseline}"
@@ -167,16 +151,11 @@ def comparison_finding(baseline: str, c: dict) -> str:
     if n == 0:
         return f"{name}: no test patient scored by both, not compared."
     lo, hi = c["dice_diff_ci_low"], c["dice_diff_ci_high"]
-    if lo > 0:
-        verdict = "mgi better (interval above zero)"
-    elif hi < 0:
-        verdict = "mgi worse (interval below zero)"
-    else:
-        verdict = "no difference shown"
+    verdict = interval_verdict(lo, hi)
     small = (" (with under 6 patients the Wilcoxon test cannot reach p < 0.05)"
              if n < 6 else "")
-    return (f"{name}: Dice {_signed(c['dice_mean_diff'])} [{_signed(lo)}, {_signed(hi)}], "
-            f"Wilcoxon {_p(c['p_wilcoxon'])}: {verdict} on n = {n} patients{small}.")
+    return (f"{name}: Dice {signed(c['dice_mean_diff'])} [{signed(lo)}, {signed(hi)}], "
+            f"Wilcoxon {p_words(c['p_wilcoxon'])}: {verdict} on n = {n} patients{small}.")
 
 
 def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
@@ -212,23 +191,17 @@ def build_metrics(*, cohort: str, splits: pd.DataFrame, retrieval: dict,
         "segmentation": segmentation,
         "comparison": {},
     }
-    if "mgi" in variants:
-        for baseline in [v for v in variants if v != "mgi"]:
-            failed = [v for v in ("mgi", baseline) if segmentation[v]["status"] != "ok"]
-            if failed:
-                entry = {"available": False,
-                         "reason": " and ".join(f"{v} failed" for v in failed)}
-            else:
-                mgi = patients["mgi"].set_index("case_id")
-                other = patients[baseline].set_index("case_id").reindex(mgi.index)
-                paired = paired_comparison(mgi["dice"].to_numpy(), other["dice"].to_numpy(),
-                                           n_boot=n_boot)
-                entry = {"available": True,
-                         "dice_mean_diff": paired["mean_diff"], "dice_diff_ci_low": paired["ci"][0],
-                         "dice_diff_ci_high": paired["ci"][1], "p_wilcoxon": paired["p_wilcoxon"],
-                         "n_patients": paired["n"]}
-            entry["finding"] = comparison_finding(baseline, entry)
-            metrics["comparison"][f"mgi_vs_{baseline}"] = entry
+
+    def paired(baseline: str) -> dict:
+        mgi = patients["mgi"].set_index("case_id")
+        other = patients[baseline].set_index("case_id").reindex(mgi.index)
+        found = paired_comparison(mgi["dice"].to_numpy(), other["dice"].to_numpy(), n_boot=n_boot)
+        return {"dice_mean_diff": found["mean_diff"], "dice_diff_ci_low": found["ci"][0],
+                "dice_diff_ci_high": found["ci"][1], "p_wilcoxon": found["p_wilcoxon"],
+                "n_patients": found["n"]}
+
+    metrics["comparison"] = mgi_comparisons(segmentation, paired=paired,
+                                            finding=comparison_finding)
     return metrics
 
 
@@ -242,7 +215,7 @@ def retrieval_finding(retrieval: dict) -> str:
         key = f"recall@{k}"
         ps = {d: test[d].get(f"p_{key}", float("nan")) for d, _ in directions}
         above[k] = [arrow for d, arrow in directions if ps[d] < 0.05]
-        scores = " and ".join(f"{arrow} {test[d][key]:.2f} (permutation {_p(ps[d])})"
+        scores = " and ".join(f"{arrow} {test[d][key]:.2f} (permutation {p_words(ps[d])})"
                               for d, arrow in directions)
         clauses.append(f"{key} {scores} against chance {test['gene_to_image'][f'chance@{k}']:.2f}")
 
@@ -273,7 +246,7 @@ def attribution_finding(summary: dict, table: pd.DataFrame, enrichment: dict | N
             f"{enrichment['top_k']} genes are planted, against "
             f"{enrichment['expected_by_chance']:.1f} expected by chance "
             f"({enrichment['planted_scored']} planted among {enrichment['genes_scored']} scored "
-            f"genes, hypergeometric {_p(enrichment['p_hypergeometric'])}): {verdict}.")
+            f"genes, hypergeometric {p_words(enrichment['p_hypergeometric'])}): {verdict}.")
 
 
 def _b64(png: bytes) -> str:
