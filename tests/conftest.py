@@ -23,3 +23,13 @@ def test_data() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real sample data not found at {folder} (set MGI_TEST_DATA)")
     return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the test files marked slow first, each file's tests in their order.
+
+    With `-n auto --dist loadfile` a file stays on one worker: started first, the few long
+    workflow files are shared out while the many short files fill the gaps at the end, rather
+    than one worker running a long file alone after the other has finished.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -9,7 +9,6 @@ import pytest
 import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
-from mgi.expression import order as order_module
 from mgi.expression.order import GeneOrder, normalised, read_gene_list
 from mgi.options import ExpressionOptions, as_dict, build
 
@@ -62,7 +61,7 @@ def test_cpm_normalisation_is_scanpy_normalize_total_then_log1p(monkeypatch, cou
     calls = []
     real = sc.pp.normalize_total
     monkeypatch.setattr(
-        order_module.sc.pp, "normalize_total",
+        sc.pp, "normalize_total",
         lambda *a, **k: calls.append(k) or real(*a, **k),
     )
     linear, logged = normalised(adata, method="log1p_cpm")

@@ -14,6 +14,7 @@ from mgi.expression.tokens import read_sequences
 from mgi.imaging.bank import read_bank
 
 from .conftest import make_workdir, run
+from .test_slurm_profile import planned_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +97,28 @@ def test_every_stage_left_its_artifacts(finished_run: Path):
 def test_second_run_has_nothing_to_do(finished_run: Path):
     result = run(["snakemake", "--cores", "2", "-n"], finished_run)
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_one_images_bank_can_be_the_target(finished_run: Path):
+    result = run(["snakemake", "--cores", "1", "-n", "-p", "-f",
+                  "results/tiny/images/DEMO-SY-0001.h5"], finished_run)
+    jobs = planned_jobs(result.stdout)
+    assert [job["rule"] for job in jobs] == ["mri_bank"]
+    assert "--image-id DEMO-SY-0001 --raw-dir data/tiny/raw " in jobs[0]["shell"]
+
+
+def test_pretrain_threads_set_the_jobs_threads_and_rerun_nothing(finished_run: Path):
+    """pretrain.threads is how the job runs: its threads, not a setting passed to the stage."""
+    (finished_run / "one.yaml").write_text("pretrain: {threads: 1}\n")
+    one = ["--configfile", "config.yaml", "one.yaml"]
+    result = run(["snakemake", "--cores", "2", "-n", *one], finished_run)
+    assert "Nothing to be done" in result.stdout + result.stderr
+    for config, threads in ((one, 1), ([], 2)):
+        result = run(["snakemake", "--cores", "2", "-n", "-p", "--forcerun", "pretrain",
+                      "results/tiny/pretrain/model.pt", *config], finished_run)
+        (job,) = [job for job in planned_jobs(result.stdout) if job["rule"] == "pretrain"]
+        assert job["threads"] == threads and f"--threads {threads} " in job["shell"]
+        assert '"threads"' not in job["shell"]
 
 
 def test_wsi_modality_tiles_slides_and_trains(tmp_path: Path, tiny_config: dict):

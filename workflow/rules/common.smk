@@ -61,13 +61,15 @@ def logs(path):
     return f"logs/{COHORT}/{path}"
 
 
-# Keys that shape the DAG (how many folds and seeds), not what a stage computes: left out of the
-# stages' settings, so that adding a seed does not rerun the runs that exist.
+# Keys that shape the DAG (how many folds and seeds) or how a job runs, not what a stage computes:
+# left out of the stages' settings, so that adding a seed does not rerun the runs that exist.
 DESIGN_KEYS = {
     "splits": ("folds", "stratify"),
-    "pretrain": ("seeds",),
+    "pretrain": ("seeds", "threads"),  # threads: how a job runs, not what it computes
     "finetune": ("seeds",),
 }
+# pretrain.threads: a pre-training job's threads (null: every core given to Snakemake)
+PRETRAIN_THREADS = min(config["pretrain"]["threads"] or workflow.cores, workflow.cores)
 
 
 def settings(*keys, design=False, seed=None):
@@ -415,6 +417,16 @@ def value_layers():
     """Value layers the expression matrix keeps besides the counts (TPM, and what normalize reads)."""
     normalize = config["expression"]["normalize"]
     return " ".join(["tpm"] + (["fpkm_uq"] if normalize == "fpkm_uq" else []))
+
+
+def raw_dir(wildcards, input):
+    """A params function: data/{cohort}/raw, where the image rules read raw files from.
+
+    Not folder_of("table", of="input"): Snakemake (9.27) hands that an input without the
+    unpacked names when one image's bank is the requested target. A function of `input`, so
+    Snakemake's params record (and the rerun triggers of existing banks) stays as it was.
+    """
+    return os.path.dirname(raw("images.tsv"))
 
 
 def folder_of(key, *, of="output"):

@@ -22,7 +22,7 @@ if MODALITY == "mri":
             mem_mb=2000,
         params:
             settings=settings("imaging", "seed"),
-            raw_dir=folder_of("table", of="input"),
+            raw_dir=raw_dir,
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "
             "--raw-dir {params.raw_dir} --settings {params.settings:q} "
@@ -70,7 +70,7 @@ else:
             mem_mb=4000,
         params:
             settings=settings("imaging", "seed"),
-            raw_dir=folder_of("table", of="input"),
+            raw_dir=raw_dir,
             stain=stain_option,
         shell:
             "mgi image --images {input.table} --image-id {wildcards.image_id} "

@@ -13,9 +13,11 @@ rule pretrain:
         retrieval=results("pretrain/retrieval.json"),
     log:
         logs("pretrain.log"),
+    # first among ready jobs: the fine-tunings that start from it, and the report, wait on it
+    priority: 10
     conda:
         ENV
-    threads: workflow.cores
+    threads: PRETRAIN_THREADS
     resources:
         mem_mb=8000,
         gpu=1,
@@ -46,9 +48,10 @@ rule pretrain_ablation:
         logs("pretrain_ablation/{kind}.log"),
     wildcard_constraints:
         kind="|".join(GENE_ENCODER_KINDS),
+    priority: 10
     conda:
         ENV
-    threads: workflow.cores
+    threads: PRETRAIN_THREADS
     resources:
         mem_mb=8000,
         gpu=1,

@@ -21,7 +21,8 @@ rule attribute:
         logs("attribute.log"),
     conda:
         ENV
-    threads: 2
+    # one: it is ready with the fine-tunings that start from the pre-training, and runs beside them
+    threads: 1
     resources:
         mem_mb=4000,
     params:

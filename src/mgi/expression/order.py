@@ -14,7 +14,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 
 from mgi.errors import ConfigError, ExpressionFileError
 from mgi.expression.gtf import genomic_order, unversioned
@@ -36,6 +35,8 @@ def normalised(
     Each case is scaled by its own library size (a fixed target, never a cohort median), so a
     case's values do not depend on the other cases.
     """
+    import scanpy as sc  # here, not at the top: training jobs read sequences without it (2 s)
+
     if method == "log1p_cpm":
         counts = ad.AnnData(X=np.asarray(_counts(adata), dtype=np.float64))
         sc.pp.normalize_total(counts, target_sum=CPM_TARGET)
@@ -187,6 +188,8 @@ class GeneOrder:
         dispersion, descending (ties in var order); scanpy may flag more than n where
         dispersions tie at the cut, so the list is cut at n.
         """
+        import scanpy as sc  # as in normalised
+
         n_top = min(self.config.n_hvg, positions.size)
         data = ad.AnnData(X=logged, var=pd.DataFrame(index=train.var_names[positions]))
         data.uns["log1p"] = {"base": None}  # values are natural-log log1p already

@@ -377,6 +377,9 @@ def selective_scan(
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     D, z, delta_bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
     if backend == "sequential":
+        # buffers no longer than the sequence: a chunk shorter than its buffers works on strided
+        # views of them, and the demo's 64 tokens in 128-step buffers made a layer 2x slower
+        chunk_size = min(chunk_size, u.shape[-1])
         y = _SequentialScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
         return y.to(dtype_in)
     if delta_bias is not None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from mgi.models import GeneEncoderConfig, ImageEncoderConfig, UNetConfig
+from mgi.models import GeneEncoderConfig, ImageEncoderConfig
 from mgi.options import ExpressionOptions, ImagingOptions, ModelOptions, UNetOptions
+
+if TYPE_CHECKING:  # segment imports MONAI (seconds): only the jobs that segment load it
+    from mgi.models.segment import UNetConfig
 
 
 def gene_config(model: ModelOptions, expression: ExpressionOptions, *, vocab_size: int,
@@ -63,6 +67,7 @@ def image_channels(imaging: ImagingOptions) -> tuple[str, ...] | None:
 
 def unet_config(unet: UNetOptions, imaging: ImagingOptions, *, in_chans: int) -> UNetConfig:
     """The U-Net baseline's config from `finetune.unet` (channels from the image bank)."""
+    from mgi.models.segment import UNetConfig
     return UNetConfig(
         in_chans=in_chans,
         img_size=imaging.image_px,
