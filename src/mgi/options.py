@@ -314,6 +314,7 @@ class PretrainOptions:
     device: str = default_of("pretrain.device")
     devices: int = default_of("pretrain.devices")
     num_nodes: int = default_of("pretrain.num_nodes")
+    # the job's Snakemake threads (common.smk), left out of --settings: the stage gets --threads
     threads: int | None = default_of("pretrain.threads")
     precision: str = default_of("pretrain.precision")
     seeds: tuple[int, ...] | None = default_of("pretrain.seeds")

@@ -65,7 +65,7 @@ def logs(path):
 # left out of the stages' settings, so that adding a seed does not rerun the runs that exist.
 DESIGN_KEYS = {
     "splits": ("folds", "stratify"),
-    "pretrain": ("seeds", "threads"),  # threads: how a job runs, not what it computes
+    "pretrain": ("seeds", "threads"),
     "finetune": ("seeds",),
 }
 # pretrain.threads: a pre-training job's threads (null: every core given to Snakemake)

@@ -128,7 +128,6 @@ def load_case(
                            options=options)
 
 
-
 def _resized(array: np.ndarray, shape: tuple[int, ...], *, order: int,
              anti_aliasing: bool) -> np.ndarray:
     """`array` resampled to `shape` by skimage (values kept), or as it is when already that
